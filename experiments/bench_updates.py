@@ -1,0 +1,219 @@
+"""SAC gradient updates per second: o2o next to SBX and d3rlpy, measured in the same run.
+
+Workload (the same for every library): observation 17, action 6, 256x256 MLPs, batch 256,
+2 critics, uniform sampling from a 100k-transition buffer of random data. Modes:
+
+- ``per-call``: one sample + update per Python call (how an online loop with UTD 1 drives it);
+- ``scan``: ``--k`` sample+update steps per call (o2o: ``lax.scan``; SBX: its ``fori_loop``);
+- ``vmap``: o2o only, ``--k`` steps per call for N seeds at once; updates/s is summed over seeds.
+
+Each cell is the median of ``--repeats`` timed windows of ``--seconds`` after a compile/warm-up
+call. Peers need the ``bench`` extra (``pip install 'o2o[bench]'``); a missing peer is reported
+and skipped. Output: a table on stdout and a CSV (``--out``) with columns
+``library,mode,seeds,updates_per_s``.
+
+    python -m experiments.bench_updates --out experiments/results/bench_updates_cpu.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import gymnasium as gym
+import jax
+import numpy as np
+import tyro
+
+from agents.sac import SAC, SACConfig
+from rl.data import replay
+from rl.types import Transition
+from rl.update import compile_updates
+
+OBS_DIM, ACT_DIM, BATCH, BUFFER = 17, 6, 256, 100_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Options of the update-throughput benchmark."""
+
+    k: int = 1000
+    """Updates per call in scan and vmap modes."""
+    seeds: tuple[int, ...] = (1, 4, 16)
+    """Seed counts for the vmap mode."""
+    seconds: float = 5.0
+    """Length of one timed window."""
+    repeats: int = 3
+    """Timed windows per cell (the median is reported)."""
+    peers: tuple[str, ...] = ("sbx", "d3rlpy")
+    """Peer libraries to measure."""
+    out: Path | None = None
+    """CSV path to write."""
+
+
+def timed_rate(call: Callable[[], int], seconds: float, repeats: int) -> float:
+    """Median over ``repeats`` windows of (updates done / seconds); ``call`` returns the updates
+    it performed and must block until they are finished."""
+    call()  # compile / warm up
+    rates = []
+    for _ in range(repeats):
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            done += call()
+        rates.append(done / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def random_transitions(count: int, seed: int = 0) -> Transition:
+    """Random float32 transitions of the benchmark's shapes."""
+    rng = np.random.default_rng(seed)
+    return Transition(
+        observations=rng.standard_normal((count, OBS_DIM), dtype=np.float32),
+        actions=rng.uniform(-1, 1, (count, ACT_DIM)).astype(np.float32),
+        rewards=rng.standard_normal(count, dtype=np.float32),
+        next_observations=rng.standard_normal((count, OBS_DIM), dtype=np.float32),
+        terminated=rng.random(count) < 0.01,
+        truncated=np.zeros(count, bool),
+    )
+
+
+def o2o_rates(args: Args) -> list[dict]:
+    """o2o per-call, scan and vmap rates."""
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (ACT_DIM,), np.float32)
+    config = SACConfig(batch_size=BATCH)
+    data = random_transitions(BUFFER)
+    rows = []
+
+    def measure(mode: str, num_updates: int, num_seeds: int | None) -> None:
+        keys = jax.random.split(jax.random.PRNGKey(0), num_seeds or 1)
+        create = lambda key: SAC.create(key, observation_space, action_space, config)
+        if num_seeds is None:
+            state = {"agent": create(keys[0])}
+            buffer = replay.from_items(data)
+        else:
+            state = {"agent": jax.vmap(create)(keys)}
+            buffer = jax.vmap(lambda _: replay.from_items(data))(np.arange(num_seeds))
+        run = compile_updates(num_updates, vmap_seeds=num_seeds is not None)
+        counter = {"calls": 0}
+
+        def call() -> int:
+            counter["calls"] += 1
+            key = jax.random.split(jax.random.PRNGKey(counter["calls"]), num_seeds) if num_seeds else jax.random.PRNGKey(counter["calls"])
+            state["agent"], metrics = run(state["agent"], buffer, key)
+            jax.block_until_ready(metrics)
+            return num_updates * (num_seeds or 1)
+
+        rate = timed_rate(call, args.seconds, args.repeats)
+        rows.append({"library": "o2o", "mode": mode, "seeds": num_seeds or 1, "updates_per_s": rate})
+        print(f"o2o {mode:8s} seeds={num_seeds or 1:3d}: {rate:9.1f} updates/s", flush=True)
+
+    measure("per-call", 1, None)
+    measure("scan", args.k, None)
+    for count in args.seeds:
+        measure("vmap", args.k, count)
+    return rows
+
+
+class _BoxEnv(gym.Env):
+    """A do-nothing env with the benchmark's spaces, for peers that need one to build a model."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (ACT_DIM,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(OBS_DIM, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(OBS_DIM, np.float32), 0.0, False, False, {}
+
+
+def sbx_rates(args: Args) -> list[dict]:
+    """SBX SAC: ``train(gradient_steps=1)`` per call and ``train(gradient_steps=k)``."""
+    from sbx import SAC as SBXSAC
+
+    model = SBXSAC("MlpPolicy", _BoxEnv(), buffer_size=BUFFER, batch_size=BATCH, learning_starts=0,
+                   policy_kwargs={"net_arch": [256, 256], "n_critics": 2}, seed=0, verbose=0)
+    from stable_baselines3.common.logger import configure
+
+    model.set_logger(configure(None, []))  # train() records learning rates to the logger
+    data = random_transitions(BUFFER)
+    buffer = model.replay_buffer
+    buffer.observations[:, 0] = data.observations
+    buffer.next_observations[:, 0] = data.next_observations
+    buffer.actions[:, 0] = data.actions
+    buffer.rewards[:, 0] = data.rewards
+    buffer.dones[:, 0] = data.terminated
+    buffer.full = True
+    rows = []
+    for mode, steps in (("per-call", 1), ("scan", args.k)):
+        def call(steps=steps) -> int:
+            model.train(gradient_steps=steps, batch_size=BATCH)
+            jax.block_until_ready(model.policy.qf_state.params)
+            return steps
+
+        rate = timed_rate(call, args.seconds, args.repeats)
+        rows.append({"library": "sbx", "mode": mode, "seeds": 1, "updates_per_s": rate})
+        print(f"sbx {mode:8s} seeds=  1: {rate:9.1f} updates/s", flush=True)
+    return rows
+
+
+def d3rlpy_rates(args: Args) -> list[dict]:
+    """d3rlpy SAC: one ``update(batch)`` per call (its only mode), CPU torch."""
+    import d3rlpy
+    import torch
+
+    data = random_transitions(BUFFER)
+    terminals = np.zeros(BUFFER, np.float32)
+    terminals[999::1000] = 1.0
+    dataset = d3rlpy.dataset.MDPDataset(data.observations, data.actions, data.rewards, terminals)
+    algo = d3rlpy.algos.SACConfig(batch_size=BATCH).create(device="cpu:0")
+    algo.build_with_dataset(dataset)
+
+    def call() -> int:
+        algo.update(dataset.sample_transition_batch(BATCH))
+        return 1
+
+    rate = timed_rate(call, args.seconds, args.repeats)
+    print(f"d3rlpy per-call seeds=  1: {rate:9.1f} updates/s", flush=True)
+    return [{"library": "d3rlpy", "mode": "per-call", "seeds": 1, "updates_per_s": rate}]
+
+
+PEERS = {"sbx": sbx_rates, "d3rlpy": d3rlpy_rates}
+
+
+def print_table(rows: list[dict]) -> None:
+    """The table, with each row's ratio to SBX's best single-seed rate when measured."""
+    sbx_best = max((r["updates_per_s"] for r in rows if r["library"] == "sbx"), default=None)
+    print(f"\n{'library':8s} {'mode':9s} {'seeds':>5s} {'updates/s':>11s} {'x SBX best':>10s}")
+    for row in rows:
+        ratio = f"{row['updates_per_s'] / sbx_best:10.2f}" if sbx_best else f"{'-':>10s}"
+        print(f"{row['library']:8s} {row['mode']:9s} {row['seeds']:5d} {row['updates_per_s']:11.1f} {ratio}")
+
+
+def main(args: Args) -> list[dict]:
+    """Measure everything, print the table and write the CSV."""
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
+    rows = o2o_rates(args)
+    for name in args.peers:
+        try:
+            rows += PEERS[name](args)
+        except ImportError as error:
+            print(f"{name}: not installed ({error}); install the bench extra to measure it")
+    print_table(rows)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["library", "mode", "seeds", "updates_per_s"])
+            writer.writeheader()
+            writer.writerows({**r, "updates_per_s": round(r["updates_per_s"], 1)} for r in rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,177 @@
+"""The ``o2o`` command. Every option comes from a documented config dataclass (tyro builds the
+flags and their help from the field docstrings); ``o2o <command> --help`` lists them."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import tyro
+
+from agents.sac import SAC, SACConfig
+from envs import registry
+from experiments import presets
+from rl.checkpoint import CheckpointMismatch
+from rl.data.datasets import DatasetError, normalised_score, reference_scores
+from rl.loops import OnlineConfig, train_online
+
+AGENTS = {"sac": (SAC, SACConfig)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainArgs:
+    """Train an agent online from scratch in one environment (seeds run as one vmapped program)."""
+
+    agent: Literal["sac"] = "sac"
+    """Agent to train."""
+    env: str = "Pendulum-v1"
+    """Gymnasium id, o2o id (o2o/...) or import path 'package.module:ClassName'."""
+    seed: int = 0
+    """First seed; seeds are seed, seed+1, ..., seed+num_seeds-1."""
+    num_seeds: int = 1
+    """Seeds trained together as a leading vmapped axis."""
+    steps: int | None = None
+    """Environment steps per seed (shorthand for --online.total-steps)."""
+    run_dir: Path | None = None
+    """Output directory (default runs/<agent>_<env>_s<seed>_<time>)."""
+    resume: bool = False
+    """Continue the run in --run-dir from its latest checkpoint."""
+    overwrite: bool = False
+    """Start over in a --run-dir that already holds checkpoints."""
+    progress: bool | None = None
+    """Show the progress bar (default: when stderr is a terminal)."""
+    sac: SACConfig = SACConfig()
+    """SAC hyperparameters."""
+    online: OnlineConfig = OnlineConfig()
+    """Online loop schedule."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlotArgs:
+    """Draw learning curves (mean and spread over seeds) of one or more runs to a PNG."""
+
+    run_dirs: tyro.conf.Positional[tuple[Path, ...]]
+    """Run directories to compare."""
+    out: Path = Path("curves.png")
+    """PNG file to write."""
+    metric: str = "eval_return"
+    """Metric column to plot."""
+    title: str | None = None
+    """Figure title."""
+
+
+def _apply_preset(default: Any, values: dict[str, Any]) -> Any:
+    """``default`` with the preset's values replaced, recursing into nested config dataclasses."""
+    changes = {}
+    for name, value in values.items():
+        current = getattr(default, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = _apply_preset(current, value)
+        elif isinstance(current, tuple):
+            value = tuple(value)
+        changes[name] = value
+    return dataclasses.replace(default, **changes)
+
+
+def _default_run_dir(agent: str, env: str, seed: int) -> Path:
+    name = env.replace("/", "-").replace(":", "-")
+    return Path("runs") / f"{agent}_{name}_s{seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def score_function(env_id: str):
+    """Normalised-score function for envs with D4RL reference returns, else None."""
+    scores = reference_scores(env_id)
+    if scores is None:
+        return None
+    return lambda returns: normalised_score(returns, *scores)
+
+
+def train(args: TrainArgs) -> Path:
+    """Run ``o2o train``; returns the run directory."""
+    online = args.online if args.steps is None else dataclasses.replace(args.online, total_steps=args.steps)
+    run_dir = args.run_dir or _default_run_dir(args.agent, args.env, args.seed)
+    checkpoints = run_dir / "checkpoints"
+    if args.resume and not any(checkpoints.glob("*")):
+        raise SystemExit(f"o2o: --resume given but {checkpoints} holds no checkpoint")
+    if not args.resume and any(checkpoints.glob("*")):
+        if not args.overwrite:
+            raise SystemExit(f"o2o: {run_dir} already holds checkpoints: pass --resume to continue or --overwrite to start over")
+        import shutil
+
+        shutil.rmtree(checkpoints)
+    agent_cls, _ = AGENTS[args.agent]
+    make_env = registry.env_factory(args.env, rescale_actions=True)
+    probe = make_env()
+    registry.check_spaces(probe, continuous_actions=True)
+    observation_space, action_space = probe.observation_space, probe.action_space
+    probe.close()
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    _, evaluations = train_online(
+        create_agent=lambda key: agent_cls.create(key, observation_space, action_space, args.sac),
+        make_env=make_env,
+        config=online,
+        seeds=seeds,
+        run_dir=run_dir,
+        run_config=dataclasses.replace(args, online=online),
+        resume=args.resume,
+        progress=args.progress,
+        score_fn=score_function(args.env),
+    )
+    final = [row for row in evaluations if row["step"] == online.total_steps]
+    if final:
+        returns = ", ".join(f"seed {row['seed']}: {row['eval_return']:.1f}" for row in final)
+        print(f"final evaluation return ({online.eval_episodes} episodes) — {returns}")
+    print(f"run directory: {run_dir}")
+    return run_dir
+
+
+def plot(args: PlotArgs) -> Path:
+    """Run ``o2o plot``; returns the PNG path."""
+    from rl.logging import plot_runs
+
+    out = plot_runs(args.run_dirs, args.out, metric=args.metric, title=args.title)
+    print(f"wrote {out}")
+    return out
+
+
+def _split_preset(argv: list[str]) -> tuple[list[str], str | None]:
+    if "--preset" not in argv:
+        return argv, None
+    index = argv.index("--preset")
+    if index + 1 >= len(argv):
+        raise SystemExit(f"o2o: --preset needs a name; available: {', '.join(presets.available())}")
+    return argv[:index] + argv[index + 2 :], argv[index + 1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``o2o`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, preset = _split_preset(argv)
+    train_default = TrainArgs()
+    if preset is not None:
+        try:
+            train_default = _apply_preset(train_default, presets.load(preset))
+        except ValueError as error:
+            raise SystemExit(f"o2o: {error}") from None
+    command = Union[
+        Annotated[TrainArgs, tyro.conf.subcommand("train", default=train_default)],
+        Annotated[PlotArgs, tyro.conf.subcommand("plot")],
+    ]
+    try:
+        args = tyro.cli(command, args=argv, prog="o2o")
+    except ValueError as error:  # config __post_init__ checks
+        raise SystemExit(f"o2o: {error}") from None
+    try:
+        if isinstance(args, TrainArgs):
+            train(args)
+        else:
+            plot(args)
+    except (registry.EnvError, DatasetError, CheckpointMismatch) as error:
+        raise SystemExit(f"o2o: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

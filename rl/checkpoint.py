@@ -1,0 +1,94 @@
+"""Orbax checkpoints of a whole run: agent, buffer, RNG key, step and host-side loop state.
+
+Orbax writes each checkpoint into a temporary directory and commits it by rename, so a crash
+never leaves a half-written checkpoint where a good one was; :meth:`Checkpointer.latest_step`
+only sees committed ones.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from rl.types import PyTree
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not fit the agent being restored into."""
+
+
+def tree_signature(tree: PyTree) -> dict[str, list[int]]:
+    """``{path: shape}`` of every array leaf, to compare checkpoints before restoring."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): list(np.shape(leaf)) for path, leaf in flat}
+
+
+def check_signature(expected: Mapping[str, list[int]], found: Mapping[str, list[int]], what: str) -> None:
+    """Raise :class:`CheckpointMismatch` naming the first parameter whose presence or shape differs."""
+    for path in sorted(set(expected) | set(found)):
+        if path not in found:
+            raise CheckpointMismatch(f"{what}: checkpoint lacks '{path}' (expected shape {expected[path]})")
+        if path not in expected:
+            raise CheckpointMismatch(f"{what}: checkpoint has unexpected '{path}' with shape {found[path]}")
+        if list(expected[path]) != list(found[path]):
+            raise CheckpointMismatch(
+                f"{what}: '{path}' has shape {found[path]} in the checkpoint but {expected[path]} here"
+            )
+
+
+class Checkpointer:
+    """Saves and restores ``(state pytree, host JSON)`` pairs under ``directory/<step>``."""
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2) -> None:
+        self.directory = Path(directory).absolute()
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False),
+        )
+
+    def save(self, step: int, state: PyTree, host: Mapping[str, Any]) -> None:
+        """Write a checkpoint for ``step`` and wait until it is committed."""
+        host = {**host, "signature": tree_signature(state)}
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(dict(host))),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None."""
+        return self._manager.latest_step()
+
+    def restore_host(self, step: int | None = None) -> dict[str, Any]:
+        """Only the host JSON of a checkpoint (cheap; used to check compatibility first)."""
+        step = self._require_step(step)
+        restored = self._manager.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))
+        return dict(restored["host"])
+
+    def restore(self, target: PyTree, step: int | None = None, what: str = "checkpoint") -> tuple[PyTree, dict[str, Any]]:
+        """Restore into the structure of ``target`` after checking every shape matches."""
+        step = self._require_step(step)
+        host = self.restore_host(step)
+        check_signature(tree_signature(target), host.get("signature", {}), what)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()),
+        )
+        return restored["state"], dict(restored["host"])
+
+    def _require_step(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return step
+
+    def close(self) -> None:
+        """Release orbax resources."""
+        self._manager.close()

@@ -1,0 +1,280 @@
+"""Run records: config + provenance, metrics (JSONL and CSV), optional TensorBoard / W&B,
+rich progress bars, and learning-curve plots."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+METRICS_JSONL = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
+CONFIG_JSON = "config.json"
+TRACKED_PACKAGES = ("o2o", "jax", "jaxlib", "flax", "optax", "distrax", "gymnasium", "mujoco", "orbax-checkpoint", "numpy")
+
+
+def git_revision() -> str | None:
+    """The git commit of the source tree (with ``-dirty`` if modified), or None outside git."""
+    source = Path(__file__).resolve().parent
+    try:
+        revision = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=source, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return revision + ("-dirty" if dirty else "")
+
+
+def package_versions(names: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str | None]:
+    """Installed versions of the packages that decide a run's numbers."""
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses, paths, tuples and numpy scalars/arrays as plain JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return np.asarray(value).tolist()
+    if hasattr(value, "__array__"):
+        return np.asarray(value).tolist()
+    return value
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON under a temporary name, then rename over ``path``."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(to_jsonable(payload), indent=2, sort_keys=True))
+    os.replace(temporary, path)
+
+
+class RunLogger:
+    """Writes ``config.json`` once and appends metric rows to ``metrics.jsonl`` / ``metrics.csv``.
+
+    On resume, rows logged after the checkpoint step are dropped first, so a resumed run's files
+    read exactly like an uninterrupted run's. TensorBoard (``tensorboardX``) and W&B are used when
+    requested and installed.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: Any,
+        resume_step: int | None = None,
+        tensorboard: bool = False,
+        wandb_project: str | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = self.run_dir / METRICS_JSONL
+        self.csv_path = self.run_dir / METRICS_CSV
+        record = {
+            "config": config,
+            "git_revision": git_revision(),
+            "packages": package_versions(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "command": sys.argv,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_json_atomic(self.run_dir / CONFIG_JSON, record)
+        self.rows: list[dict[str, Any]] = []
+        if resume_step is not None and self.jsonl_path.exists():
+            self.rows = [row for row in read_metrics(self.run_dir) if row.get("step", 0) <= resume_step]
+            self._rewrite()
+        elif self.jsonl_path.exists():
+            self.jsonl_path.unlink()
+        self._tensorboard = _open_tensorboard(self.run_dir) if tensorboard else None
+        self._wandb = _open_wandb(wandb_project, self.run_dir, record) if wandb_project else None
+
+    def log(self, row: Mapping[str, Any]) -> None:
+        """Append one metric row (must contain ``step``)."""
+        clean = {key: _scalar(value) for key, value in row.items()}
+        self.rows.append(clean)
+        with self.jsonl_path.open("a") as handle:
+            handle.write(json.dumps(clean) + "\n")
+        if self._tensorboard is not None:
+            suffix = f"/seed{clean['seed']}" if "seed" in clean else ""
+            for key, value in clean.items():
+                if isinstance(value, (int, float)) and key not in ("step", "seed"):
+                    self._tensorboard.add_scalar(f"{key}{suffix}", value, clean["step"])
+        if self._wandb is not None:
+            self._wandb.log(clean, step=int(clean["step"]))
+
+    def close(self) -> None:
+        """Write the CSV view and close optional sinks."""
+        self._write_csv()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+    def _rewrite(self) -> None:
+        with self.jsonl_path.open("w") as handle:
+            for row in self.rows:
+                handle.write(json.dumps(row) + "\n")
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        columns: list[str] = []
+        for row in self.rows:
+            columns.extend(key for key in row if key not in columns)
+        temporary = self.csv_path.with_name(f".{self.csv_path.name}.tmp")
+        with temporary.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(temporary, self.csv_path)
+
+
+def _scalar(value: Any) -> Any:
+    if hasattr(value, "item") and np.ndim(value) == 0:
+        return value.item()
+    return value
+
+
+def _open_tensorboard(run_dir: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError as error:
+        raise RuntimeError("TensorBoard logging needs the extra: pip install 'o2o[tensorboard]'") from error
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _open_wandb(project: str, run_dir: Path, record: Mapping[str, Any]):
+    try:
+        import wandb
+    except ImportError as error:
+        raise RuntimeError("W&B logging needs the extra: pip install 'o2o[wandb]'") from error
+    return wandb.init(project=project, dir=str(run_dir), config=to_jsonable(record), name=run_dir.name)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """All metric rows of a run directory, in logged order."""
+    path = Path(run_dir) / METRICS_JSONL
+    if not path.exists():
+        raise FileNotFoundError(f"no {METRICS_JSONL} in {run_dir}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A rich progress bar showing phase, steps, steps/s and the latest return.
+
+    Disabled (a no-op) when ``enabled`` is False, e.g. under CI or when stderr is not a terminal.
+    """
+
+    def __init__(self, total: int, description: str, enabled: bool | None = None, completed: int = 0) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._progress = None
+        if not self.enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+
+        self._progress = RichProgress(
+            TextColumn("[bold]{task.fields[phase]:<8}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>7.0f} steps/s"),
+            TextColumn("return {task.fields[score]}"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(description, total=total, completed=completed, phase=description, rate=0.0, score="-")
+
+    def update(self, completed: int, rate: float, score: float | None = None, phase: str | None = None) -> None:
+        """Move the bar to ``completed`` steps."""
+        if self._progress is None:
+            return
+        fields: dict[str, Any] = {"rate": rate}
+        if score is not None:
+            fields["score"] = f"{score:.1f}"
+        if phase is not None:
+            fields["phase"] = phase
+        self._progress.update(self._task, completed=completed, **fields)
+
+    def close(self) -> None:
+        """Stop drawing."""
+        if self._progress is not None:
+            self._progress.stop()
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def learning_curves(
+    run_dirs: Sequence[str | os.PathLike], metric: str = "eval_return"
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per run directory: (steps, values[seed, step]) of ``metric``, seeds aligned on steps."""
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for run_dir in run_dirs:
+        rows = [row for row in read_metrics(run_dir) if metric in row and row[metric] is not None]
+        if not rows:
+            raise ValueError(f"{run_dir} has no '{metric}' rows")
+        steps = np.array(sorted({row["step"] for row in rows}))
+        seeds = sorted({row.get("seed", 0) for row in rows})
+        values = np.full((len(seeds), len(steps)), np.nan)
+        for row in rows:
+            values[seeds.index(row.get("seed", 0)), np.searchsorted(steps, row["step"])] = row[metric]
+        curves[Path(run_dir).name] = (steps, values)
+    return curves
+
+
+def plot_runs(
+    run_dirs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    metric: str = "eval_return",
+    title: str | None = None,
+) -> Path:
+    """Draw mean ± std over seeds (and the min-max band) of ``metric`` for each run to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for label, (steps, values) in learning_curves(run_dirs, metric).items():
+        mean = np.nanmean(values, axis=0)
+        std = np.nanstd(values, axis=0)
+        line, = axes.plot(steps, mean, label=f"{label} (n={values.shape[0]})")
+        axes.fill_between(steps, mean - std, mean + std, alpha=0.25, color=line.get_color())
+        axes.fill_between(steps, np.nanmin(values, 0), np.nanmax(values, 0), alpha=0.08, color=line.get_color())
+    axes.set_xlabel("environment steps")
+    axes.set_ylabel(metric.replace("_", " "))
+    axes.set_title(title or metric)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out

@@ -1,0 +1,431 @@
+"""Training loops. The online off-policy loop drives any agent with the DESIGN.md contract in any
+``gymnasium.Env``, for several seeds at once (a leading seed axis on agent and buffer).
+
+Per environment step the host steps one env per seed and makes one or two jitted calls: the
+policy's actions, then (buffer add + ``updates_per_step`` scanned updates). Evaluation, logging
+and checkpoints happen between those calls.
+
+Exact resume: a checkpoint holds agent, buffer, the step counter and, per env, the current
+episode's index and actions so far. Every key is derived from (seed, step) and every episode's
+reset seed from (seed, episode index), so a resumed run re-creates the env, replays the episode's
+actions to reach the same state, and continues bit-for-bit as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rl.checkpoint import Checkpointer
+from rl.data import replay
+from rl.evaluation import episode_seed, run_episodes
+from rl.logging import Progress, RunLogger
+from rl.types import Transition, transition_like
+from rl.update import scan_updates
+
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineConfig:
+    """Schedule of an online off-policy run (all counts are environment steps per seed)."""
+
+    total_steps: int = 100_000
+    """Environment steps to run."""
+    warmup_steps: int = 5_000
+    """Steps before the first update; their actions come from ``warmup_actions``."""
+    warmup_actions: Literal["random", "policy"] = "random"
+    """Uniform random actions (SAC) or the agent's own stochastic policy (WSRL) during warm-up."""
+    updates_per_step: int = 1
+    """Agent ``update`` calls per environment step after warm-up (each may hold several critic steps)."""
+    buffer_capacity: int = 1_000_000
+    """Replay capacity per seed (capped at total_steps)."""
+    eval_interval: int = 5_000
+    """Evaluate every this many steps and at the end."""
+    eval_episodes: int = 10
+    """Deterministic evaluation episodes per seed."""
+    eval_at_start: bool = False
+    """Also evaluate before the first step (the offline policy's score when fine-tuning)."""
+    log_interval: int = 1_000
+    """Log training metrics every this many steps."""
+    checkpoint_interval: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+
+    def __post_init__(self) -> None:
+        for name in ("total_steps", "eval_interval", "eval_episodes", "log_interval", "updates_per_step", "buffer_capacity"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"OnlineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "checkpoint_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"OnlineConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+class EpisodeRunner:
+    """One training env of one seed, with the log needed to rebuild its state after a restart."""
+
+    def __init__(self, env: gym.Env, run_seed: int) -> None:
+        self.env = env
+        self.run_seed = run_seed
+        self.episode_index = 0
+        self.actions: list[list[float]] = []
+        self.episode_return = 0.0
+        self.observation: np.ndarray = np.zeros(0)
+
+    def start_episode(self) -> None:
+        """Reset with this episode's derived seed."""
+        seed = episode_seed(self.run_seed, TRAIN_STREAM, self.episode_index)
+        self.observation = np.asarray(self.env.reset(seed=seed)[0], np.float32)
+        self.actions = []
+        self.episode_return = 0.0
+
+    def step(self, action: np.ndarray) -> tuple[tuple, float | None]:
+        """Step the env; returns the transition fields and the episode's return if it ended."""
+        observation = self.observation
+        next_observation, reward, terminated, truncated, _ = self.env.step(action)
+        next_observation = np.asarray(next_observation, np.float32)
+        self.actions.append(np.asarray(action).tolist())
+        self.episode_return += float(reward)
+        fields = (observation, action, float(reward), next_observation, bool(terminated), bool(truncated))
+        finished = None
+        if terminated or truncated:
+            finished = self.episode_return
+            self.episode_index += 1
+            self.start_episode()
+        else:
+            self.observation = next_observation
+        return fields, finished
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-able state: episode index and the actions taken so far in it."""
+        return {"episode_index": self.episode_index, "actions": self.actions}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Rebuild the env state by replaying the current episode from its seeded reset."""
+        self.episode_index = int(snapshot["episode_index"])
+        self.start_episode()
+        dtype = getattr(self.env.action_space, "dtype", np.float32)
+        for action in snapshot["actions"]:
+            self.step(np.asarray(action, dtype=dtype))
+
+
+class Evaluator:
+    """Deterministic evaluation episodes for every seed, logged as ``phase='eval'`` rows.
+
+    Round ``r`` of seed ``s`` resets its episodes with seeds derived from ``(s, r)``, so every
+    round sees fresh but reproducible starts, identical across resumed and uninterrupted runs.
+    """
+
+    def __init__(
+        self,
+        make_env: Callable[[], gym.Env],
+        seeds: Sequence[int],
+        episodes: int,
+        logger: RunLogger,
+        score_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+        first_round: int = 0,
+    ) -> None:
+        self.seeds = [int(s) for s in seeds]
+        self.episodes = episodes
+        self.envs = [[make_env() for _ in range(episodes)] for _ in seeds]
+        self.logger = logger
+        self.score_fn = score_fn
+        self.round = first_round
+        self.rows: list[dict[str, Any]] = []
+        self._act = jax.jit(jax.vmap(lambda agent, obs: agent.act(obs, jax.random.PRNGKey(0), deterministic=True)))
+
+    def __call__(self, agent: Any, step: int, phase: str = "eval") -> float:
+        """Evaluate the seed-stacked ``agent``; log one row per seed; return the mean return."""
+        reset_seeds = [
+            [episode_seed(s, EVAL_STREAM, self.round * self.episodes + j) for j in range(self.episodes)] for s in self.seeds
+        ]
+        returns = run_episodes(lambda obs: self._act(agent, obs), self.envs, reset_seeds)
+        self.round += 1
+        for seed, seed_returns in zip(self.seeds, returns):
+            row = {
+                "step": step,
+                "seed": seed,
+                "phase": phase,
+                "eval_return": float(seed_returns.mean()),
+                "eval_return_std": float(seed_returns.std()),
+            }
+            if self.score_fn is not None:
+                row["normalised_score"] = float(np.mean(self.score_fn(seed_returns)))
+            self.logger.log(row)
+            self.rows.append(row)
+        return float(returns.mean())
+
+
+def _stack_transitions(fields: Sequence[tuple]) -> Transition:
+    columns = list(zip(*fields))
+    return Transition(
+        observations=np.stack(columns[0]).astype(np.float32),
+        actions=np.stack(columns[1]).astype(np.float32),
+        rewards=np.asarray(columns[2], np.float32),
+        next_observations=np.stack(columns[3]).astype(np.float32),
+        terminated=np.asarray(columns[4], bool),
+        truncated=np.asarray(columns[5], bool),
+    )
+
+
+def _space_bounds(space: gym.Space) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(space, gym.spaces.Box):
+        raise ValueError(f"the off-policy loop needs a Box action space, got {space}")
+    return space.low.astype(np.float32), space.high.astype(np.float32)
+
+
+def train_online(
+    create_agent: Callable[[jax.Array], Any],
+    make_env: Callable[[], gym.Env],
+    config: OnlineConfig,
+    seeds: Sequence[int],
+    run_dir: str | Path,
+    run_config: Any = None,
+    resume: bool = False,
+    progress: bool | None = None,
+    score_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    initial_agent: Any = None,
+    stop_at: int | None = None,
+    offline_source: replay.ReplayBuffer | None = None,
+    offline_ratio: float = 0.0,
+) -> tuple[Any, list[dict[str, Any]]]:
+    """Run online training for every seed in ``seeds`` at once; returns the seed-stacked agent
+    and the evaluation rows.
+
+    ``create_agent(key)`` builds one seed's agent (vmapped over seeds), unless ``initial_agent``
+    (already seed-stacked, e.g. a pretrained one) is given. ``score_fn`` maps raw returns to a
+    normalised score for the logs. With ``offline_ratio > 0`` every update batch holds that
+    fraction of rows from ``offline_source`` (one buffer shared by all seeds) and the rest from the
+    online buffer; at 0 the offline data is never read. ``stop_at`` ends the call after that step without a final
+    checkpoint, exactly as a killed process would (used to test resume).
+    """
+    run_dir = Path(run_dir)
+    num_seeds = len(seeds)
+    root_keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
+    agent_keys, loop_keys = jax.vmap(lambda k: jax.random.split(k))(root_keys).transpose(1, 0, 2)
+
+    train_envs = [EpisodeRunner(make_env(), int(s)) for s in seeds]
+    action_space = train_envs[0].env.action_space
+    observation_dim = int(np.prod(train_envs[0].env.observation_space.shape))
+    low, high = _space_bounds(action_space)
+
+    agent = initial_agent if initial_agent is not None else jax.vmap(create_agent)(agent_keys)
+    capacity = min(config.buffer_capacity, config.total_steps)
+    example = transition_like(observation_dim, int(np.prod(action_space.shape)))
+    buffer = jax.vmap(lambda _: replay.init(example, capacity))(jnp.arange(num_seeds))
+
+    def random_actions(key, step):
+        return jax.random.uniform(jax.random.fold_in(key, step), low.shape, minval=low, maxval=high)
+
+    def policy_actions(agent, observations, key, step):
+        return agent.act(observations, jax.random.fold_in(key, step))
+
+    if not 0.0 <= offline_ratio <= 1.0:
+        raise ValueError(f"offline_ratio must lie in [0, 1], got {offline_ratio}")
+    if offline_ratio > 0 and offline_source is None:
+        raise ValueError("offline_ratio > 0 needs an offline_source")
+
+    def mixed_sample(sources, key, batch_size):
+        return replay.sample_mixed(sources, (1.0 - offline_ratio, offline_ratio), key, batch_size)
+
+    def add_and_update(agent, buffer, transition, key, step, offline):
+        buffer = replay.add_one(buffer, transition)
+        update_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
+        if offline_ratio > 0:
+            agent, metrics = scan_updates(agent, (buffer, offline), update_key, config.updates_per_step, mixed_sample)
+        else:
+            agent, metrics = scan_updates(agent, buffer, update_key, config.updates_per_step)
+        return agent, buffer, metrics
+
+    random_fn = jax.jit(jax.vmap(random_actions, in_axes=(0, None)))
+    policy_fn = jax.jit(jax.vmap(policy_actions, in_axes=(0, 0, 0, None)))
+    add_fn = jax.jit(jax.vmap(replay.add_one), donate_argnums=0)
+    train_fn = jax.jit(jax.vmap(add_and_update, in_axes=(0, 0, 0, 0, None, None)), donate_argnums=(0, 1))
+    offline = offline_source if offline_ratio > 0 else None
+
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    step, eval_round, elapsed_before = 0, 0, 0.0
+    resume_step = checkpointer.latest_step() if resume else None
+    if resume_step is not None:
+        state, host = checkpointer.restore({"agent": agent, "buffer": buffer}, resume_step, what=str(run_dir))
+        agent, buffer = state["agent"], state["buffer"]
+        step, eval_round, elapsed_before = int(host["step"]), int(host["eval_round"]), float(host["elapsed_s"])
+        for runner, snapshot in zip(train_envs, host["envs"]):
+            runner.restore(snapshot)
+    else:
+        for runner in train_envs:
+            runner.start_episode()
+    logger = RunLogger(run_dir, run_config, resume_step=resume_step)
+    evaluate = Evaluator(make_env, seeds, config.eval_episodes, logger, score_fn, first_round=eval_round)
+    bar = Progress(config.total_steps, "online", enabled=progress, completed=step)
+
+    finished_returns: list[list[float]] = [[] for _ in seeds]
+    metrics = None
+    start_time = time.perf_counter()
+    start_step = step
+
+    def save_checkpoint() -> None:
+        host = {
+            "step": step,
+            "eval_round": evaluate.round,
+            "elapsed_s": elapsed_before + time.perf_counter() - start_time,
+            "envs": [runner.snapshot() for runner in train_envs],
+        }
+        checkpointer.save(step, {"agent": agent, "buffer": buffer}, host)
+
+    last_score = evaluate(agent, step) if (config.eval_at_start and step == 0) else None
+    try:
+        while step < config.total_steps:
+            observations = np.stack([runner.observation for runner in train_envs])
+            if step < config.warmup_steps and config.warmup_actions == "random":
+                actions = random_fn(loop_keys, step)
+            else:
+                actions = policy_fn(agent, observations, loop_keys, step)
+            actions = np.asarray(actions)
+            fields = []
+            for index, runner in enumerate(train_envs):
+                transition_fields, finished = runner.step(actions[index])
+                fields.append(transition_fields)
+                if finished is not None:
+                    finished_returns[index].append(finished)
+            transition = _stack_transitions(fields)
+            if step < config.warmup_steps:
+                buffer = add_fn(buffer, transition)
+            else:
+                agent, buffer, metrics = train_fn(agent, buffer, transition, loop_keys, step, offline)
+            step += 1
+
+            if step % config.log_interval == 0:
+                rate = (step - start_step) / max(time.perf_counter() - start_time, 1e-9)
+                _log_training(logger, step, seeds, metrics, finished_returns, rate)
+                finished_returns = [[] for _ in seeds]
+                bar.update(step, rate, last_score, phase="warmup" if step <= config.warmup_steps else "online")
+            if step % config.eval_interval == 0 or step == config.total_steps:
+                last_score = evaluate(agent, step)
+            if step == config.total_steps or (config.checkpoint_interval and step % config.checkpoint_interval == 0):
+                save_checkpoint()
+            if stop_at is not None and step >= stop_at:
+                break
+    finally:
+        bar.close()
+        logger.close()
+        checkpointer.close()
+    return agent, evaluate.rows
+
+
+def _log_training(
+    logger: RunLogger,
+    step: int,
+    seeds: Sequence[int],
+    metrics: dict[str, jax.Array] | None,
+    finished_returns: list[list[float]],
+    steps_per_second: float,
+    phase: str = "train",
+) -> None:
+    host_metrics = jax.device_get(metrics) if metrics is not None else {}
+    for index, seed in enumerate(seeds):
+        row: dict[str, Any] = {"step": step, "seed": int(seed), "phase": phase, "steps_per_s": steps_per_second}
+        if finished_returns[index]:
+            row["episode_return"] = float(np.mean(finished_returns[index]))
+        row.update({name: float(values[index]) for name, values in host_metrics.items()})
+        logger.log(row)
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflineConfig:
+    """Schedule of offline (dataset-only) training; counts are gradient updates."""
+
+    num_steps: int = 250_000
+    """Agent updates to run."""
+    updates_per_call: int = 1_000
+    """Updates fused into one jitted lax.scan call (fewer host round trips)."""
+    eval_interval: int = 50_000
+    """Evaluate every this many updates and at the end (needs an env)."""
+    eval_episodes: int = 10
+    """Deterministic evaluation episodes per seed."""
+    log_interval: int = 5_000
+    """Log training metrics (averaged over the last call) every this many updates."""
+    checkpoint_interval: int = 0
+    """Checkpoint every this many updates (0: only at the end)."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_steps", "updates_per_call", "eval_interval", "eval_episodes", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"OfflineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_interval < 0:
+            raise ValueError(f"OfflineConfig.checkpoint_interval must be >= 0, got {self.checkpoint_interval}")
+
+
+def _next_boundary(step: int, interval: int, total: int) -> int:
+    return min((step // interval + 1) * interval, total) if interval else total
+
+
+def train_offline(
+    agent: Any,
+    source: Any,
+    config: OfflineConfig,
+    seeds: Sequence[int],
+    run_dir: str | Path,
+    make_env: Callable[[], gym.Env] | None = None,
+    run_config: Any = None,
+    resume: bool = False,
+    progress: bool | None = None,
+    score_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    sample_fn=replay.sample,
+) -> tuple[Any, list[dict[str, Any]]]:
+    """Train the seed-stacked ``agent`` on ``source`` (one dataset buffer shared by all seeds).
+
+    Updates run in jitted chunks of up to ``updates_per_call``, cut at log / eval / checkpoint
+    boundaries so that every boundary lands exactly. Returns the agent and the evaluation rows.
+    """
+    from rl.update import compile_updates
+
+    run_dir = Path(run_dir)
+    update_keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(int(s)), 7) for s in seeds])
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    step, eval_round = 0, 0
+    resume_step = checkpointer.latest_step() if resume else None
+    if resume_step is not None:
+        state, host = checkpointer.restore({"agent": agent}, resume_step, what=str(run_dir))
+        agent, step, eval_round = state["agent"], int(host["step"]), int(host["eval_round"])
+    logger = RunLogger(run_dir, run_config, resume_step=resume_step)
+    evaluate = (
+        Evaluator(make_env, seeds, config.eval_episodes, logger, score_fn, first_round=eval_round) if make_env else None
+    )
+    bar = Progress(config.num_steps, "offline", enabled=progress, completed=step)
+    compiled: dict[int, Callable] = {}
+    start_time, start_step, last_score = time.perf_counter(), step, None
+    try:
+        while step < config.num_steps:
+            stop = min(
+                step + config.updates_per_call,
+                _next_boundary(step, config.log_interval, config.num_steps),
+                _next_boundary(step, config.eval_interval, config.num_steps),
+                _next_boundary(step, config.checkpoint_interval, config.num_steps),
+            )
+            count = stop - step
+            if count not in compiled:
+                compiled[count] = compile_updates(count, vmap_seeds=True, sample_fn=sample_fn, shared_source=True)
+            keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(update_keys, step)
+            agent, metrics = compiled[count](agent, source, keys)
+            step = stop
+            rate = (step - start_step) / max(time.perf_counter() - start_time, 1e-9)
+            if step % config.log_interval == 0 or step == config.num_steps:
+                _log_training(logger, step, seeds, metrics, [[] for _ in seeds], rate, phase="offline")
+            if evaluate is not None and (step % config.eval_interval == 0 or step == config.num_steps):
+                last_score = evaluate(agent, step, phase="offline_eval")
+            if step == config.num_steps or (config.checkpoint_interval and step % config.checkpoint_interval == 0):
+                round_done = evaluate.round if evaluate is not None else 0
+                checkpointer.save(step, {"agent": agent}, {"step": step, "eval_round": round_done})
+            bar.update(step, rate, last_score)
+    finally:
+        bar.close()
+        logger.close()
+        checkpointer.close()
+    return agent, (evaluate.rows if evaluate is not None else [])

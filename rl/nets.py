@@ -1,0 +1,136 @@
+"""Networks: MLPs with optional LayerNorm, Q-ensembles on a vmapped parameter axis, policy heads.
+
+Modules are flax Linen with explicit parameter pytrees: ``module.init`` returns the pytree and
+``module.apply(params, ...)`` is a pure function, so ``vmap`` over seeds and ``scan`` over updates
+need nothing special and add no Python work per call inside a jitted loop.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def kernel_init(orthogonal: bool, scale: float = 1.0) -> Callable:
+    """Orthogonal(scale * sqrt(2)) initialiser (jaxrl/WSRL style), or flax's default LeCun normal
+    scaled by ``scale**2`` in variance (SB3/SBX style)."""
+    if orthogonal:
+        return nn.initializers.orthogonal(scale * jnp.sqrt(2.0))
+    return nn.initializers.variance_scaling(scale**2, "fan_in", "truncated_normal")
+
+
+class MLP(nn.Module):
+    """Dense → [LayerNorm] → activation for every hidden layer.
+
+    ``activate_final`` applies the block to the last layer too (then the output is a feature
+    vector, as the heads below expect). ``final_hidden_scale`` multiplies the initialisation gain
+    of the last hidden layer only (WSRL's ``kernel_scale_final``).
+    """
+
+    hidden_dims: Sequence[int]
+    layer_norm: bool = False
+    orthogonal_init: bool = False
+    final_hidden_scale: float = 1.0
+    activation: Callable[[jax.Array], jax.Array] = nn.relu
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for index, width in enumerate(self.hidden_dims):
+            scale = self.final_hidden_scale if index == len(self.hidden_dims) - 1 else 1.0
+            x = nn.Dense(width, kernel_init=kernel_init(self.orthogonal_init, scale))(x)
+            if self.layer_norm:
+                x = nn.LayerNorm()(x)
+            x = self.activation(x)
+        return x
+
+
+class StateActionValue(nn.Module):
+    """Q(s, a): an MLP on concat(s, a) with a scalar head."""
+
+    hidden_dims: Sequence[int]
+    layer_norm: bool = False
+    orthogonal_init: bool = False
+    final_hidden_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, observations: jax.Array, actions: jax.Array) -> jax.Array:
+        inputs = jnp.concatenate([observations, actions], axis=-1)
+        features = MLP(self.hidden_dims, self.layer_norm, self.orthogonal_init, self.final_hidden_scale)(inputs)
+        return nn.Dense(1, kernel_init=kernel_init(self.orthogonal_init))(features)[..., 0]
+
+
+class StateValue(nn.Module):
+    """V(s): an MLP with a scalar head."""
+
+    hidden_dims: Sequence[int]
+    layer_norm: bool = False
+    orthogonal_init: bool = False
+
+    @nn.compact
+    def __call__(self, observations: jax.Array) -> jax.Array:
+        features = MLP(self.hidden_dims, self.layer_norm, self.orthogonal_init)(observations)
+        return nn.Dense(1, kernel_init=kernel_init(self.orthogonal_init))(features)[..., 0]
+
+
+def ensemble(module_cls: type[nn.Module], size: int) -> type[nn.Module]:
+    """A module class whose parameters gain a leading axis of ``size`` independent members.
+
+    Calling it broadcasts the inputs to every member and returns outputs with a leading member
+    axis, computed as one batched program (no Python loop over members).
+    """
+    return nn.vmap(
+        module_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=None,
+        out_axes=0,
+        axis_size=size,
+    )
+
+
+class GaussianPolicyHead(nn.Module):
+    """Mean and clipped log-std of a diagonal Gaussian over pre-squash actions.
+
+    ``state_dependent_std`` selects a log-std head per state (SAC) or one learned vector (WSRL's
+    ``uniform``).
+    """
+
+    hidden_dims: Sequence[int]
+    action_dim: int
+    layer_norm: bool = False
+    orthogonal_init: bool = False
+    final_hidden_scale: float = 1.0
+    log_std_min: float = -20.0
+    log_std_max: float = 2.0
+    state_dependent_std: bool = True
+
+    @nn.compact
+    def __call__(self, observations: jax.Array) -> tuple[jax.Array, jax.Array]:
+        features = MLP(self.hidden_dims, self.layer_norm, self.orthogonal_init, self.final_hidden_scale)(observations)
+        mean = nn.Dense(self.action_dim, kernel_init=kernel_init(self.orthogonal_init))(features)
+        if self.state_dependent_std:
+            log_std = nn.Dense(self.action_dim, kernel_init=kernel_init(self.orthogonal_init))(features)
+        else:
+            log_std = jnp.broadcast_to(self.param("log_std", nn.initializers.zeros, (self.action_dim,)), mean.shape)
+        return mean, jnp.clip(log_std, self.log_std_min, self.log_std_max)
+
+
+def subset_min(values: jax.Array, key: jax.Array, subset_size: int, with_replacement: bool) -> jax.Array:
+    """Minimum over a random subset of the leading (ensemble) axis, as in REDQ.
+
+    One subset is drawn per call and shared by every element of the batch. With the subset size
+    equal to the ensemble size and no replacement this is the plain minimum over all members.
+    """
+    size = values.shape[0]
+    if subset_size > size and not with_replacement:
+        raise ValueError(f"subset_size {subset_size} exceeds the ensemble size {size}")
+    if subset_size == size and not with_replacement:
+        return values.min(axis=0)
+    if with_replacement:
+        members = jax.random.randint(key, (subset_size,), 0, size)
+    else:
+        members = jax.random.permutation(key, size)[:subset_size]
+    return values[members].min(axis=0)
