@@ -205,6 +205,10 @@ def train_online(
     online buffer; at 0 the offline data is never read. ``stop_at`` ends the call after that step without a final
     checkpoint, exactly as a killed process would (used to test resume).
     """
+    if not 0.0 <= offline_ratio <= 1.0:
+        raise ValueError(f"offline_ratio must lie in [0, 1], got {offline_ratio}")
+    if offline_ratio > 0 and offline_source is None:
+        raise ValueError("offline_ratio > 0 needs an offline_source")
     run_dir = Path(run_dir)
     num_seeds = len(seeds)
     root_keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
@@ -226,11 +230,6 @@ def train_online(
     def policy_actions(agent, observations, key, step):
         return agent.act(observations, jax.random.fold_in(key, step))
 
-    if not 0.0 <= offline_ratio <= 1.0:
-        raise ValueError(f"offline_ratio must lie in [0, 1], got {offline_ratio}")
-    if offline_ratio > 0 and offline_source is None:
-        raise ValueError("offline_ratio > 0 needs an offline_source")
-
     def mixed_sample(sources, key, batch_size):
         return replay.sample_mixed(sources, (1.0 - offline_ratio, offline_ratio), key, batch_size)
 
@@ -251,11 +250,13 @@ def train_online(
 
     checkpointer = Checkpointer(run_dir / "checkpoints")
     step, eval_round, elapsed_before = 0, 0, 0.0
+    finished_returns: list[list[float]] = [[] for _ in seeds]
     resume_step = checkpointer.latest_step() if resume else None
     if resume_step is not None:
         state, host = checkpointer.restore({"agent": agent, "buffer": buffer}, resume_step, what=str(run_dir))
         agent, buffer = state["agent"], state["buffer"]
         step, eval_round, elapsed_before = int(host["step"]), int(host["eval_round"]), float(host["elapsed_s"])
+        finished_returns = host["finished_returns"]
         for runner, snapshot in zip(train_envs, host["envs"]):
             runner.restore(snapshot)
     else:
@@ -265,7 +266,6 @@ def train_online(
     evaluate = Evaluator(make_env, seeds, config.eval_episodes, logger, score_fn, first_round=eval_round)
     bar = Progress(config.total_steps, "online", enabled=progress, completed=step)
 
-    finished_returns: list[list[float]] = [[] for _ in seeds]
     metrics = None
     start_time = time.perf_counter()
     start_step = step
@@ -276,6 +276,7 @@ def train_online(
             "eval_round": evaluate.round,
             "elapsed_s": elapsed_before + time.perf_counter() - start_time,
             "envs": [runner.snapshot() for runner in train_envs],
+            "finished_returns": finished_returns,
         }
         checkpointer.save(step, {"agent": agent, "buffer": buffer}, host)
 

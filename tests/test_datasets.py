@@ -173,3 +173,40 @@ def test_normalisation_stats_and_reference_scores():
 def test_missing_minari_dataset_gives_a_clear_error():
     with pytest.raises(DatasetError, match="not-a-dataset"):
         datasets.load("not-a-dataset")
+
+
+def test_minari_episodes_become_transitions_with_their_end_flags(monkeypatch):
+    """The Minari path on a stand-in module (the extra is optional and nothing may be downloaded)."""
+    import sys
+    import types
+
+    class Episode:
+        def __init__(self, length, offset, terminated):
+            self.observations = np.arange(offset, offset + length + 1, dtype=np.float32)[:, None]
+            self.actions = np.zeros((length, 1), np.float32)
+            self.rewards = np.ones(length, np.float32)
+            self.terminations = np.zeros(length, bool)
+            self.truncations = np.zeros(length, bool)
+            (self.terminations if terminated else self.truncations)[-1] = True
+
+    class StandInDataset:
+        env_spec = types.SimpleNamespace(id="Hopper-v5")
+
+        def iterate_episodes(self):
+            yield Episode(3, 0, terminated=True)
+            yield Episode(2, 10, terminated=False)
+
+    requested = {}
+
+    def load_dataset(dataset_id, download=True):
+        requested.update(dataset_id=dataset_id, download=download)
+        return StandInDataset()
+
+    monkeypatch.setitem(sys.modules, "minari", types.SimpleNamespace(load_dataset=load_dataset))
+    data = datasets.load("mujoco/hopper/medium-v0")
+    assert requested == {"dataset_id": "mujoco/hopper/medium-v0", "download": False}
+    assert data.observations[:, 0].tolist() == [0, 1, 2, 10, 11]
+    assert data.next_observations[:, 0].tolist() == [1, 2, 3, 11, 12]
+    assert data.terminated.tolist() == [False, False, True, False, False]
+    assert data.truncated.tolist() == [False, False, False, False, True]
+    assert datasets.dataset_reference_scores(data) == (-20.272305, 3234.3)

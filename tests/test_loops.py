@@ -14,7 +14,7 @@ from rl.logging import read_metrics
 SMALL = SACConfig(actor_hidden_dims=(32, 32), critic_hidden_dims=(32, 32), batch_size=32)
 MAKE_ENV = env_factory("Pendulum-v1", rescale_actions=True)
 SPACES = MAKE_ENV()
-SCHEDULE = OnlineConfig(total_steps=500, warmup_steps=100, eval_interval=250, eval_episodes=1, log_interval=50, checkpoint_interval=200)
+SCHEDULE = OnlineConfig(total_steps=500, warmup_steps=100, eval_interval=250, eval_episodes=1, log_interval=75, checkpoint_interval=200)
 TIMING = {"steps_per_s"}
 
 
