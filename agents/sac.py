@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import flax.linen as nn
 import flax.struct
 import gymnasium as gym
 import jax
@@ -110,6 +111,7 @@ class SAC(flax.struct.PyTreeNode):
     temperature: TrainState
     rng: jax.Array
     config: SACConfig = flax.struct.field(pytree_node=False)
+    action_dim: int = flax.struct.field(pytree_node=False, default=0)
 
     @property
     def samples_per_update(self) -> int:
@@ -117,15 +119,9 @@ class SAC(flax.struct.PyTreeNode):
         return self.config.utd_ratio * self.config.batch_size
 
     @classmethod
-    def create(
-        cls, key: jax.Array, observation_space: gym.Space, action_space: gym.Space, config: SACConfig
-    ) -> "SAC":
-        """Initialise networks and optimisers for the given spaces."""
-        action_dim = _continuous_action_dim(action_space)
-        observation = jnp.zeros((1, int(np.prod(observation_space.shape))), jnp.float32)
-        action = jnp.zeros((1, action_dim), jnp.float32)
-        actor_key, critic_key, rng = jax.random.split(key, 3)
-
+    def networks(cls, config: SACConfig, action_dim: int) -> tuple[nn.Module, nn.Module]:
+        """The policy module and the critic-ensemble module; subclasses override this (and only
+        this) to change architectures while keeping SAC's update."""
         actor_net = GaussianPolicyHead(
             config.actor_hidden_dims,
             action_dim,
@@ -141,6 +137,18 @@ class SAC(flax.struct.PyTreeNode):
             orthogonal_init=config.orthogonal_init,
             final_hidden_scale=config.final_hidden_scale,
         )
+        return actor_net, critic_net
+
+    @classmethod
+    def create(
+        cls, key: jax.Array, observation_space: gym.Space, action_space: gym.Space, config: SACConfig
+    ) -> "SAC":
+        """Initialise networks and optimisers for the given spaces."""
+        action_dim = _continuous_action_dim(action_space)
+        observation = jnp.zeros((1, int(np.prod(observation_space.shape))), jnp.float32)
+        action = jnp.zeros((1, action_dim), jnp.float32)
+        actor_key, critic_key, rng = jax.random.split(key, 3)
+        actor_net, critic_net = cls.networks(config, action_dim)
         critic_params = critic_net.init(critic_key, observation, action)["params"]
         log_alpha = jnp.asarray(np.log(config.init_temperature), jnp.float32)
         return cls(
@@ -156,6 +164,7 @@ class SAC(flax.struct.PyTreeNode):
             ),
             rng=rng,
             config=config,
+            action_dim=action_dim,
         )
 
     # ------------------------------------------------------------------ pieces
@@ -168,8 +177,7 @@ class SAC(flax.struct.PyTreeNode):
         """The temperature's entropy target."""
         if self.config.target_entropy is not None:
             return self.config.target_entropy
-        action_dim = self.actor.params["Dense_1"]["bias"].shape[-1]
-        return -self.config.target_entropy_scale * action_dim
+        return -self.config.target_entropy_scale * self.action_dim
 
     def policy(self, actor_params, observations: jax.Array):
         """The tanh-Gaussian action distribution at ``observations``."""

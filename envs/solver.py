@@ -695,32 +695,6 @@ class SORBanditEnv(_SolverBanditCore):
         """Solve the pending system with the chosen ω, then draw the next one."""
         with float64_scope():
             omega = self.action_to_omega(action)
-            # One vmapped solve for every ω this step needs: [chosen, (20 arms, Young ω*), (ω = 1)].
-            omegas = [omega[None]]
-            optimal_omega = young_omega(state.shift, self.grid_size)
-            if self.full_information:
-                omegas += [jnp.asarray(OMEGA_GRID, jnp.float64), optimal_omega[None]]
-            elif self.cost_reference == "omega1":
-                omegas.append(jnp.ones(1, jnp.float64))
-            counts = jax.vmap(lambda w: sor_solve(state.shift, state.rhs, w, tol=self.tol, max_iters=self.max_iters)[0])(jnp.concatenate(omegas))
-            iterations = counts[0]
-            info: dict[str, jax.Array] = {"omega": omega.astype(jnp.float32), "context": state.shift.astype(jnp.float32)}
-            if self.full_information:
-                info["arm_iterations"] = counts[1 : NUM_ARMS + 1]
-                info["instance_optimal_omega"] = optimal_omega.astype(jnp.float32)
-                info["instance_optimal_iterations"] = counts[NUM_ARMS + 1]
-            cost_scale = self._cost_scale(counts[1] if len(omegas) > 1 else counts[0], params)
-            scaled_cost = (iterations / cost_scale).astype(jnp.float32)
-            info["iterations"] = iterations
-            info["cost_scale"] = cost_scale.astype(jnp.float32)
-            shift, rhs = self._draw_instance(key, params)
-            state = SORBanditState(jnp.int32(0), shift, rhs, jnp.float32(0.0))
-            return self._observation(shift, state.previous_cost), state
-
-    def step(self, key: jax.Array, state: SORBanditState, action: jax.Array, params: SORBanditParams) -> StepResult:
-        """Solve the pending system with the chosen ω, then draw the next one."""
-        with float64_scope():
-            omega = self.action_to_omega(action)
             iterations, _ = sor_solve(state.shift, state.rhs, omega, tol=self.tol, max_iters=self.max_iters)
             info: dict[str, jax.Array] = {"omega": omega.astype(jnp.float32), "context": state.shift.astype(jnp.float32)}
             reference = None

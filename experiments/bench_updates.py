@@ -166,7 +166,6 @@ def sbx_rates(args: Args) -> list[dict]:
 def d3rlpy_rates(args: Args) -> list[dict]:
     """d3rlpy SAC: one ``update(batch)`` per call (its only mode), CPU torch."""
     import d3rlpy
-    import torch
 
     data = random_transitions(BUFFER)
     terminals = np.zeros(BUFFER, np.float32)

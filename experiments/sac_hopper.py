@@ -132,7 +132,7 @@ def write_outputs(args: Args, rows: list[dict], walls: dict[str, float]) -> None
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        f"| library | seeds | final eval return (mean ± std) | 95% CI | per-seed final | wall-clock (s) |",
+        "| library | seeds | final eval return (mean ± std) | 95% CI | per-seed final | wall-clock (s) |",
         "|---|---|---|---|---|---|",
     ]
     summary_rows = []

@@ -219,7 +219,7 @@ def train_online(
     observation_dim = int(np.prod(train_envs[0].env.observation_space.shape))
     low, high = _space_bounds(action_space)
 
-    agent = initial_agent if initial_agent is not None else jax.vmap(create_agent)(agent_keys)
+    agent = initial_agent if initial_agent is not None else jax.jit(jax.vmap(create_agent))(agent_keys)
     capacity = min(config.buffer_capacity, config.total_steps)
     example = transition_like(observation_dim, int(np.prod(action_space.shape)))
     buffer = jax.vmap(lambda _: replay.init(example, capacity))(jnp.arange(num_seeds))

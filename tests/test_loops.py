@@ -1,6 +1,5 @@
 """The online loop: warm-up, determinism, exact resume, seeds as a vmapped axis, offline loop."""
 
-import gymnasium as gym
 import jax
 import numpy as np
 import pytest
