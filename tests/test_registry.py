@@ -8,13 +8,16 @@ from envs import registry
 from envs.registry import EnvError
 
 
-class TinyUserEnv(gym.Env):
-    """A user's own environment, importable as tests.test_registry:TinyUserEnv."""
+USER_MODULE = """
+import gymnasium as gym
+import numpy as np
 
+
+class TinyUserEnv(gym.Env):
     observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
     action_space = gym.spaces.Box(-2.0, 2.0, (1,), np.float32)
 
-    def __init__(self, scale: float = 1.0):
+    def __init__(self, scale=1.0):
         self.scale = scale
         self.last_action = None
 
@@ -25,6 +28,15 @@ class TinyUserEnv(gym.Env):
     def step(self, action):
         self.last_action = np.asarray(action)
         return np.zeros(2, np.float32), self.scale, False, False, {}
+"""
+
+
+@pytest.fixture
+def user_package(tmp_path, monkeypatch):
+    """A user's own module on the import path, as `pip install -e` of their package would put it."""
+    (tmp_path / "my_user_envs.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_user_envs"
 
 
 def test_gymnasium_ids_are_made_with_unit_actions_when_asked():
@@ -34,8 +46,8 @@ def test_gymnasium_ids_are_made_with_unit_actions_when_asked():
     env.step(np.array([1.0], np.float32))
 
 
-def test_user_environment_by_import_path_with_kwargs():
-    env = registry.make("tests.test_registry:TinyUserEnv", rescale_actions=True, scale=3.0)
+def test_user_environment_by_import_path_with_kwargs(user_package):
+    env = registry.make(f"{user_package}:TinyUserEnv", rescale_actions=True, scale=3.0)
     env.reset(seed=0)
     _, reward, *_ = env.step(np.array([1.0], np.float32))
     assert reward == 3.0
@@ -47,10 +59,10 @@ def test_user_environment_by_import_path_with_kwargs():
     [
         ("NoSuchEnv-v0", "unknown environment id 'NoSuchEnv-v0'"),
         ("no_such_module:Env", "cannot import module 'no_such_module'"),
-        ("tests.test_registry:Missing", "has no attribute 'Missing'"),
+        ("my_user_envs:Missing", "has no attribute 'Missing'"),
     ],
 )
-def test_unknown_ids_fail_with_a_message_naming_them(env_id, message):
+def test_unknown_ids_fail_with_a_message_naming_them(user_package, env_id, message):
     with pytest.raises(EnvError, match=message):
         registry.make(env_id)
 
