@@ -11,22 +11,26 @@ from typing import Annotated, Any, Literal, Union
 
 import tyro
 
+from agents.loop import LOOPConfig
+from agents.ppo import PPOConfig
 from agents.sac import SAC, SACConfig
+from agents.tbsac import TBSAC, TBSACConfig
 from envs import registry
 from experiments import presets
 from rl.checkpoint import CheckpointMismatch
 from rl.data.datasets import DatasetError, normalised_score, reference_scores
 from rl.loops import OnlineConfig, train_online
+from rl.rollouts import OnPolicyConfig
 
-AGENTS = {"sac": (SAC, SACConfig)}
+OFF_POLICY_AGENTS = {"sac": SAC, "tbsac": TBSAC}
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainArgs:
     """Train an agent online from scratch in one environment (seeds run as one vmapped program)."""
 
-    agent: Literal["sac"] = "sac"
-    """Agent to train."""
+    agent: Literal["sac", "tbsac", "ppo", "loop"] = "sac"
+    """Agent to train: off-policy sac / tbsac (online loop), on-policy ppo / loop (rollout loop)."""
     env: str = "Pendulum-v1"
     """Gymnasium id, o2o id (o2o/...) or import path 'package.module:ClassName'."""
     seed: int = 0
@@ -34,7 +38,7 @@ class TrainArgs:
     num_seeds: int = 1
     """Seeds trained together as a leading vmapped axis."""
     steps: int | None = None
-    """Environment steps per seed (shorthand for --online.total-steps)."""
+    """Environment steps per seed (shorthand for --online.total-steps / --on-policy.total-steps)."""
     run_dir: Path | None = None
     """Output directory (default runs/<agent>_<env>_s<seed>_<time>)."""
     resume: bool = False
@@ -44,9 +48,17 @@ class TrainArgs:
     progress: bool | None = None
     """Show the progress bar (default: when stderr is a terminal)."""
     sac: SACConfig = SACConfig()
-    """SAC hyperparameters."""
+    """SAC hyperparameters (--agent sac)."""
+    tbsac: TBSACConfig = TBSACConfig()
+    """Trend-based SAC hyperparameters (--agent tbsac)."""
+    ppo: PPOConfig = PPOConfig()
+    """PPO hyperparameters (--agent ppo)."""
+    loop: LOOPConfig = LOOPConfig()
+    """LOOP hyperparameters (--agent loop)."""
     online: OnlineConfig = OnlineConfig()
-    """Online loop schedule."""
+    """Schedule of the off-policy online loop (sac, tbsac)."""
+    on_policy: OnPolicyConfig = OnPolicyConfig()
+    """Schedule of the on-policy rollout loop (ppo, loop)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,9 +101,8 @@ def score_function(env_id: str):
     return lambda returns: normalised_score(returns, *scores)
 
 
-def train(args: TrainArgs) -> Path:
-    """Run ``o2o train``; returns the run directory."""
-    online = args.online if args.steps is None else dataclasses.replace(args.online, total_steps=args.steps)
+def _prepare_run_dir(args: TrainArgs) -> Path:
+    """The run directory, refusing to mix a fresh run into one that holds checkpoints."""
     run_dir = args.run_dir or _default_run_dir(args.agent, args.env, args.seed)
     checkpoints = run_dir / "checkpoints"
     if args.resume and not any(checkpoints.glob("*")):
@@ -102,7 +113,47 @@ def train(args: TrainArgs) -> Path:
         import shutil
 
         shutil.rmtree(checkpoints)
-    agent_cls, _ = AGENTS[args.agent]
+    return run_dir
+
+
+def _print_final(evaluations: list[dict[str, Any]], total_steps: int, episodes: int, run_dir: Path) -> None:
+    final = [row for row in evaluations if row["step"] >= total_steps]
+    if final:
+        returns = ", ".join(f"seed {row['seed']}: {row['eval_return']:.1f}" for row in final)
+        print(f"final evaluation return ({episodes} episodes) — {returns}")
+    print(f"run directory: {run_dir}")
+
+
+def train_on_policy_agent(args: TrainArgs) -> Path:
+    """``o2o train --agent ppo|loop``: the rollout loop of :mod:`rl.rollouts`."""
+    from experiments.on_policy import train_agent
+
+    schedule = args.on_policy if args.steps is None else dataclasses.replace(args.on_policy, total_steps=args.steps)
+    run_dir = _prepare_run_dir(args)
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    _, evaluations = train_agent(
+        args.agent,
+        args.env,
+        getattr(args, args.agent),
+        schedule,
+        seeds,
+        run_dir,
+        run_config=dataclasses.replace(args, on_policy=schedule),
+        resume=args.resume,
+        progress=args.progress,
+        score_fn=score_function(args.env),
+    )
+    _print_final(evaluations, schedule.total_steps, schedule.eval_episodes, run_dir)
+    return run_dir
+
+
+def train(args: TrainArgs) -> Path:
+    """Run ``o2o train``; returns the run directory."""
+    if args.agent not in OFF_POLICY_AGENTS:
+        return train_on_policy_agent(args)
+    online = args.online if args.steps is None else dataclasses.replace(args.online, total_steps=args.steps)
+    run_dir = _prepare_run_dir(args)
+    agent_cls, agent_config = OFF_POLICY_AGENTS[args.agent], getattr(args, args.agent)
     make_env = registry.env_factory(args.env, rescale_actions=True)
     probe = make_env()
     registry.check_spaces(probe, continuous_actions=True)
@@ -110,7 +161,7 @@ def train(args: TrainArgs) -> Path:
     probe.close()
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     _, evaluations = train_online(
-        create_agent=lambda key: agent_cls.create(key, observation_space, action_space, args.sac),
+        create_agent=lambda key: agent_cls.create(key, observation_space, action_space, agent_config),
         make_env=make_env,
         config=online,
         seeds=seeds,
@@ -120,11 +171,7 @@ def train(args: TrainArgs) -> Path:
         progress=args.progress,
         score_fn=score_function(args.env),
     )
-    final = [row for row in evaluations if row["step"] == online.total_steps]
-    if final:
-        returns = ", ".join(f"seed {row['seed']}: {row['eval_return']:.1f}" for row in final)
-        print(f"final evaluation return ({online.eval_episodes} episodes) — {returns}")
-    print(f"run directory: {run_dir}")
+    _print_final(evaluations, online.total_steps, online.eval_episodes, run_dir)
     return run_dir
 
 

@@ -97,3 +97,12 @@ def test_killed_process_resumes_to_the_same_final_metrics(tmp_path):
         return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in read_metrics(run_dir)]
 
     assert final_rows(killed_dir) == final_rows(tmp_path / "full")
+
+
+def test_on_policy_agents_train_from_the_same_command(tmp_path):
+    run_dir = tmp_path / "ppo"
+    main(["train", "--preset", "ppo_cartpole", "--steps", "800", "--on-policy.eval-interval", "800",
+          "--on-policy.eval-episodes", "1", "--run-dir", str(run_dir)])
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["config"]["agent"] == "ppo" and record["config"]["on_policy"]["total_steps"] == 800
+    assert any(r["phase"] == "eval" for r in read_metrics(run_dir))
