@@ -184,6 +184,14 @@ def plot(args: PlotArgs) -> Path:
     return out
 
 
+def _offline_to_online_commands() -> dict[str, tuple[type, Any]]:
+    """``collect``, ``pretrain``, ``finetune``, ``run`` and ``quickstart`` (defined beside their
+    implementation in :mod:`experiments.offline_to_online`)."""
+    from experiments.offline_to_online import COMMANDS
+
+    return COMMANDS
+
+
 def _split_preset(argv: list[str]) -> tuple[list[str], str | None]:
     if "--preset" not in argv:
         return argv, None
@@ -203,20 +211,23 @@ def main(argv: list[str] | None = None) -> None:
             train_default = _apply_preset(train_default, presets.load(preset))
         except ValueError as error:
             raise SystemExit(f"o2o: {error}") from None
-    command = Union[
+    handlers: dict[type, Any] = {TrainArgs: train, PlotArgs: plot}
+    choices: list[Any] = [
         Annotated[TrainArgs, tyro.conf.subcommand("train", default=train_default)],
         Annotated[PlotArgs, tyro.conf.subcommand("plot")],
     ]
+    for name, (args_type, handler) in _offline_to_online_commands().items():
+        handlers[args_type] = handler
+        choices.append(Annotated[args_type, tyro.conf.subcommand(name)])
     try:
-        args = tyro.cli(command, args=argv, prog="o2o")
+        args = tyro.cli(Union[tuple(choices)], args=argv, prog="o2o")
     except ValueError as error:  # config __post_init__ checks
         raise SystemExit(f"o2o: {error}") from None
+    from experiments.offline_to_online import ERRORS
+
     try:
-        if isinstance(args, TrainArgs):
-            train(args)
-        else:
-            plot(args)
-    except (registry.EnvError, DatasetError, CheckpointMismatch) as error:
+        handlers[type(args)](args)
+    except (registry.EnvError, DatasetError, CheckpointMismatch, *ERRORS) as error:
         raise SystemExit(f"o2o: {error}") from None
 
 
