@@ -170,7 +170,8 @@ def write_outputs(args: Args, rows: list[dict], walls: dict[str, float]) -> None
 def save_library(args: Args, library: str, rows: list[dict], wall_s: float) -> None:
     """Store one library's evaluation rows and wall-clock as ``<name>_<library>.json``."""
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"library": library, "wall_s": wall_s, "args": dataclasses.asdict(args), "rows": rows}
+    settings = {**dataclasses.asdict(args), "out_dir": args.out_dir.name}  # no machine paths in results
+    payload = {"library": library, "wall_s": wall_s, "args": settings, "rows": rows}
     (args.out_dir / f"{args.name}_{library}.json").write_text(json.dumps(payload, default=str, indent=1))
 
 
