@@ -13,6 +13,7 @@ bootstrapping needs the distinction. :func:`step_autoreset` adds the reset for v
 from __future__ import annotations
 
 import abc
+import contextlib
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import gymnasium as gym
@@ -62,6 +63,16 @@ class JaxEnv(abc.ABC, Generic[EnvState, EnvParams]):
     @abc.abstractmethod
     def action_space(self, params: EnvParams) -> gym.spaces.Space:
         """The gymnasium action space for these parameters."""
+
+    def trace_scope(self) -> contextlib.AbstractContextManager:
+        """Context that callers enter while tracing programs that ``vmap`` a ``lax.scan`` over this
+        env's steps (rollouts, evaluations).
+
+        Default: nothing. Envs whose numerics run in a scoped ``jax.enable_x64`` return that scope
+        here: ``vmap`` re-traces a scanned body outside any scope entered inside it, and the
+        float64 parts then no longer agree on their dtypes.
+        """
+        return contextlib.nullcontext()
 
 
 def step_autoreset(

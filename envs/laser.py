@@ -576,6 +576,10 @@ class LaserPulseCore(JaxEnv[LaserState, LaserParams]):
         self.precision = precision
         self.fwhm_mode = fwhm_mode
 
+    def trace_scope(self) -> contextlib.AbstractContextManager:
+        """The precision scope of the forward pass (see :meth:`JaxEnv.trace_scope`)."""
+        return precision_scope(self.precision)
+
     @property
     def randomises_b(self) -> bool:
         """Whether B is drawn at every reset (and then observed)."""

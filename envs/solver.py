@@ -32,6 +32,7 @@ or run with ``JAX_ENABLE_X64=1``. Random draws use hand-built float64 samplers (
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Literal
 
@@ -572,6 +573,10 @@ class _SolverBanditCore(JaxEnv):
         self.observe_previous_cost = bool(observe_previous_cost)
         self.tol = float(tol)
         self.max_iters = int(max_iters)
+
+    def trace_scope(self) -> contextlib.AbstractContextManager:
+        """:func:`float64_scope` (see :meth:`JaxEnv.trace_scope`)."""
+        return float64_scope()
 
     def action_to_omega(self, action: jax.Array) -> jax.Array:
         """ω of an action: the arm's grid value (Discrete) or the clipped continuous value (Box)."""

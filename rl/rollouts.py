@@ -27,6 +27,7 @@ An on-policy agent provides ``collection`` (a :class:`CollectionSpec`), ``explor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -661,6 +662,12 @@ class _ByIdentity:
         return isinstance(other, _ByIdentity) and other.value is self.value
 
 
+def _trace_scope(core: Any) -> contextlib.AbstractContextManager:
+    """The env core's :meth:`envs.jax_env.JaxEnv.trace_scope` (nothing for cores without one)."""
+    scope = getattr(core, "trace_scope", None)
+    return contextlib.nullcontext() if scope is None else scope()
+
+
 def _keep_where(active: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
 
@@ -787,7 +794,8 @@ class _JaxBackend:
         self.bounds = _space_bounds(jax_env.core.action_space(jax_env.params))
         self.runner = None
         if spec.mode == "segments":
-            self.runner = _init_runners(runner_keys, self.params, core=self.core, num_envs=spec.num_envs)
+            with _trace_scope(jax_env.core):
+                self.runner = _init_runners(runner_keys, self.params, core=self.core, num_envs=spec.num_envs)
 
     def state(self) -> dict[str, Any]:
         return {} if self.runner is None else {"runner": self.runner}
@@ -797,6 +805,10 @@ class _JaxBackend:
             self.runner = state["runner"]
 
     def iterate(self, agent, iteration: int, active: np.ndarray):
+        with _trace_scope(self.core.value):
+            return self._iterate(agent, iteration, active)
+
+    def _iterate(self, agent, iteration: int, active: np.ndarray):
         active = jnp.asarray(active)
         if self.spec.mode == "segments":
             agent, self.runner, metrics, stats = _segment_iteration(
@@ -821,7 +833,8 @@ class _JaxBackend:
         keys = jnp.stack(
             [jnp.stack([jax.random.PRNGKey(s) for s in eval_seeds(self.seeds[i], int(r), episodes)]) for i, r in zip(indices, rounds)]
         )
-        return np.asarray(_evaluate_groups(sub_agent, keys, self.params, self.bounds, core=self.core, cap=self.cap))
+        with _trace_scope(self.core.value):
+            return np.asarray(_evaluate_groups(sub_agent, keys, self.params, self.bounds, core=self.core, cap=self.cap))
 
     def close(self) -> None:
         pass

@@ -470,6 +470,32 @@ def test_scan_rollout_with_autoreset_compiles(parametric_model):
     assert int(np.sum(np.asarray(terminated) | np.asarray(truncated))) >= 1
 
 
+def test_vmapped_scan_rollouts_inside_trace_scope_match_single_steps(parametric_model):
+    core = laser.LaserPulseCore(parametric_model)
+    params = core.default_params().replace(max_steps=4)
+    actions = jnp.asarray([[0.3, -0.2, 0.1], [-0.5, 0.4, 0.0], [0.2, 0.2, -0.3], [0.0, -0.1, 0.6]])
+
+    def episode(key):
+        _, state = core.reset(key, params)
+
+        def body(state, action):
+            result = core.step(key, state, action, params)
+            return result.state, result.reward
+
+        return jax.lax.scan(body, state, actions)[1]
+
+    keys = jax.random.split(jax.random.PRNGKey(3), 2)
+    with core.trace_scope():
+        batched = np.asarray(jax.jit(jax.vmap(episode))(keys))
+    step = jax.jit(core.step)
+    for index, key in enumerate(keys):
+        _, state = core.reset(key, params)
+        for t, action in enumerate(actions):
+            result = step(key, state, action, params)
+            state = result.state
+            np.testing.assert_allclose(batched[index, t], float(result.reward), rtol=1e-6, atol=1e-6)
+
+
 def test_gymnasium_checker_passes_for_variants():
     for kwargs in [{}, {"observation": "psi+profile", "b_range": (1.0, 3.5), "precision": "float32"}]:
         env = laser.make_laser_env(**kwargs)
