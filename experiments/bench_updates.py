@@ -8,7 +8,10 @@ Workload (the same for every library): observation 17, action 6, 256x256 MLPs, b
 - ``vmap``: o2o only, ``--k`` steps per call for N seeds at once; updates/s is summed over seeds.
 
 Each cell is the median of ``--repeats`` timed windows of ``--seconds`` after a compile/warm-up
-call. Peers need the ``bench`` extra (``pip install 'o2o[bench]'``); a missing peer is reported
+call. The same run measures the machine's arithmetic bound for this workload: XLA's FLOP count of
+one o2o update (``cost_analysis`` of the compiled program) divided by the measured throughput of
+256 x 256 by 256 x 256 float32 matrix products, the largest dense product the update contains; it
+is reported as library ``arithmetic-bound`` (mode ``scan``) and every rate's share of it is printed. Peers need the ``bench`` extra (``pip install 'o2o[bench]'``); a missing peer is reported
 and skipped. Output: a table on stdout and a CSV (``--out``) with columns
 ``library,mode,seeds,updates_per_s``.
 
@@ -26,6 +29,7 @@ from typing import Callable
 
 import gymnasium as gym
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tyro
 
@@ -119,6 +123,41 @@ def o2o_rates(args: Args) -> list[dict]:
     return rows
 
 
+def update_flops() -> float:
+    """FLOPs of one o2o SAC update (sample + critic + actor + temperature), from XLA's cost model."""
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (ACT_DIM,), np.float32)
+    agent = SAC.create(jax.random.PRNGKey(0), observation_space, action_space, SACConfig(batch_size=BATCH))
+    buffer = replay.from_items(random_transitions(BATCH))
+    compiled = compile_updates(1).lower(agent, buffer, jax.random.PRNGKey(0)).compile()
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis["flops"])
+
+
+def dense_flops_per_s(args: Args, width: int = 256, chain: int = 200) -> float:
+    """Measured float32 FLOP/s of chained (BATCH x width) @ (width x width) products in one jitted loop."""
+    product = jax.jit(lambda x, w: jax.lax.fori_loop(0, chain, lambda _, x: (x @ w) * 0.999, x))
+    inputs = jnp.ones((BATCH, width), jnp.float32)
+    weights = jnp.eye(width, dtype=jnp.float32)
+
+    def call() -> int:
+        jax.block_until_ready(product(inputs, weights))
+        return chain
+
+    products_per_s = timed_rate(call, args.seconds, args.repeats)
+    return products_per_s * 2 * BATCH * width * width
+
+
+def arithmetic_bound(args: Args) -> list[dict]:
+    """Updates/s the machine's dense-product throughput allows for this workload (one row)."""
+    flops = update_flops()
+    flops_per_s = dense_flops_per_s(args)
+    bound = flops_per_s / flops
+    print(f"bound    {flops / 1e6:.0f} MFLOP per update at {flops_per_s / 1e9:.1f} GFLOP/s: {bound:9.1f} updates/s", flush=True)
+    return [{"library": "arithmetic-bound", "mode": "scan", "seeds": 1, "updates_per_s": bound}]
+
+
 class _BoxEnv(gym.Env):
     """A do-nothing env with the benchmark's spaces, for peers that need one to build a model."""
 
@@ -187,18 +226,21 @@ PEERS = {"sbx": sbx_rates, "d3rlpy": d3rlpy_rates}
 
 
 def print_table(rows: list[dict]) -> None:
-    """The table, with each row's ratio to SBX's best single-seed rate when measured."""
+    """The table, with each row's ratio to SBX's best single-seed rate and its share of the
+    arithmetic bound when those were measured."""
     sbx_best = max((r["updates_per_s"] for r in rows if r["library"] == "sbx"), default=None)
-    print(f"\n{'library':8s} {'mode':9s} {'seeds':>5s} {'updates/s':>11s} {'x SBX best':>10s}")
+    bound = next((r["updates_per_s"] for r in rows if r["library"] == "arithmetic-bound"), None)
+    print(f"\n{'library':16s} {'mode':9s} {'seeds':>5s} {'updates/s':>11s} {'x SBX best':>10s} {'% of bound':>10s}")
     for row in rows:
         ratio = f"{row['updates_per_s'] / sbx_best:10.2f}" if sbx_best else f"{'-':>10s}"
-        print(f"{row['library']:8s} {row['mode']:9s} {row['seeds']:5d} {row['updates_per_s']:11.1f} {ratio}")
+        share = f"{100 * row['updates_per_s'] / bound:10.1f}" if bound else f"{'-':>10s}"
+        print(f"{row['library']:16s} {row['mode']:9s} {row['seeds']:5d} {row['updates_per_s']:11.1f} {ratio} {share}")
 
 
 def main(args: Args) -> list[dict]:
     """Measure everything, print the table and write the CSV."""
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
-    rows = o2o_rates(args)
+    rows = arithmetic_bound(args) + o2o_rates(args)
     for name in args.peers:
         try:
             rows += PEERS[name](args)
