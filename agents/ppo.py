@@ -256,6 +256,9 @@ class PPOConfig:
     """Global gradient-norm clip of the joint policy+value gradient."""
     normalize_observations: bool = True
     """Standardise observations with running statistics (updated after each update)."""
+    update_observation_statistics: bool = True
+    """Update the observation statistics after each update; False keeps them frozen (e.g. at an
+    offline dataset's statistics, as Uni-O4's fine-tuning does)."""
     normalize_rewards: bool = False
     """Divide rewards by the running std of the discounted return (SB3 VecNormalize)."""
     clip_observations: float = 10.0
@@ -491,7 +494,7 @@ class PPO(flax.struct.PyTreeNode):
         metrics["explained_variance"] = 1.0 - residual / (target_var + 1e-8)
         metrics["clip_eps"] = clip_eps
         moments = agent.observation_moments
-        if config.normalize_observations:
+        if config.normalize_observations and config.update_observation_statistics:
             obs_dim = rollout.observations.shape[-1]
             moments = moments.update(rollout.observations.reshape(-1, obs_dim).astype(jnp.float32), valid.reshape(-1))
         return agent.replace(state=state, observation_moments=moments, rng=rng), metrics
