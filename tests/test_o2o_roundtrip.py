@@ -1,0 +1,194 @@
+"""The offline-to-online commands end to end through the ``o2o`` CLI: collect -> pretrain ->
+finetune killed by SIGKILL after its first checkpoint -> ``--resume`` gives exactly the metrics of
+an uninterrupted fine-tuning run; and bad inputs stop before any training with a message naming
+the mismatch and a non-zero exit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from experiments.cli import main
+from rl.checkpoint import Checkpointer
+from rl.logging import read_metrics
+
+TINY_NETS = ["--pretrain.cql.sac.actor-hidden-dims", "16", "16", "--pretrain.cql.sac.critic-hidden-dims", "16", "16",
+             "--pretrain.cql.sac.num-critics", "4", "--pretrain.cql.sac.batch-size", "8"]
+PRETRAIN = ["--pretrain.steps", "10", "--pretrain.cql.num-sampled-actions", "3", "--pretrain.cql.num-backup-actions", "2",
+            "--pretrain.eval-interval", "10", "--pretrain.eval-episodes", "1", "--pretrain.log-interval", "5",
+            "--pretrain.updates-per-call", "5", *TINY_NETS]
+FINETUNE_STEPS = 300
+FINETUNE = ["--finetune.steps", str(FINETUNE_STEPS), "--finetune.warmup-steps", "20", "--finetune.utd-ratio", "2",
+            "--finetune.batch-size", "8", "--finetune.eval-interval", "150", "--finetune.eval-episodes", "1",
+            "--finetune.log-interval", "50", "--finetune.checkpoint-interval", "100"]
+CLI = [sys.executable, "-m", "experiments.cli"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny Pendulum dataset and a CQL run pretrained on it, both made through the CLI."""
+    root = tmp_path_factory.mktemp("o2o_cli")
+    main(["collect", "--env", "Pendulum-v1", "--policy", "random", "--steps", "300", "--out-dir", str(root / "data")])
+    dataset = root / "data" / "Pendulum-v1-random.hdf5"
+    main(["pretrain", "--dataset", str(dataset), "--run-dir", str(root / "pretrain"), *PRETRAIN])
+    return root, dataset, root / "pretrain"
+
+
+def _rows_without_timing(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "steps_per_s"} for row in read_metrics(run_dir)]
+
+
+class Crash(Exception):
+    """Stands in for a crash of the process right after a checkpoint was committed."""
+
+
+def test_finetune_crashed_after_its_first_checkpoint_resumes_to_the_same_metrics(pretrained, tmp_path, monkeypatch):
+    """In-process variant of the SIGKILL test below (fast enough for the default run)."""
+    _, _, pretrain_dir = pretrained
+    finetune = ["finetune", "--from", str(pretrain_dir), *FINETUNE]
+    main([*finetune, "--run-dir", str(tmp_path / "full")])
+
+    original_save = Checkpointer.save
+
+    def save_then_crash(self, step, state, host):
+        original_save(self, step, state, host)
+        raise Crash(f"crashed after the checkpoint of step {step}")
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
+    with pytest.raises(Crash, match="step 100"):
+        main([*finetune, "--run-dir", str(tmp_path / "crashed")])
+    monkeypatch.undo()
+    assert max(row["step"] for row in read_metrics(tmp_path / "crashed")) < FINETUNE_STEPS
+    main([*finetune, "--run-dir", str(tmp_path / "crashed"), "--resume"])
+    assert _rows_without_timing(tmp_path / "crashed") == _rows_without_timing(tmp_path / "full")
+
+
+@pytest.mark.slow
+def test_killed_finetune_resumes_to_the_metrics_of_an_uninterrupted_run(pretrained, tmp_path):
+    """A real SIGKILL of the ``o2o finetune`` process after its first checkpoint, then --resume."""
+    _, _, pretrain_dir = pretrained
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    finetune = [*CLI, "finetune", "--from", str(pretrain_dir), *FINETUNE]
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+    full_log = (tmp_path / "full.log").open("w")
+    uninterrupted = subprocess.Popen([*finetune, "--run-dir", str(full_dir)], env=env, stdout=full_log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([*finetune, "--run-dir", str(killed_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = killed_dir / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (checkpoints / "100").exists():
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (checkpoints / "100").exists(), "the fine-tuning run never wrote its first checkpoint"
+    written = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert written[-1] < FINETUNE_STEPS, f"the run finished before the kill (checkpoints {written})"
+    rows_before = read_metrics(killed_dir)
+    assert rows_before and max(row["step"] for row in rows_before) < FINETUNE_STEPS
+
+    subprocess.run([*finetune, "--run-dir", str(killed_dir), "--resume"], check=True, env=env, capture_output=True)
+    assert uninterrupted.wait(timeout=300) == 0, (tmp_path / "full.log").read_text()[-2000:]
+    full_log.close()
+    resumed, reference = _rows_without_timing(killed_dir), _rows_without_timing(full_dir)
+    assert resumed == reference
+    evals = [row for row in reference if row["phase"] == "eval"]
+    assert sorted({row["step"] for row in evals}) == [0, 150, 300]
+    assert any("critic_loss" in row for row in reference)  # updates happened after the warm-up
+
+
+def _write_hdf5(path: Path, observations: np.ndarray, rewards: np.ndarray) -> Path:
+    count = len(rewards)
+    with h5py.File(path, "w") as handle:
+        handle["observations"] = observations
+        handle["actions"] = np.zeros((count, 1), np.float32)
+        handle["rewards"] = rewards
+        handle["next_observations"] = observations
+        handle["terminals"] = np.zeros(count, bool)
+        handle["timeouts"] = np.zeros(count, bool)
+        handle.attrs["env_id"] = "Pendulum-v1"
+    return path
+
+
+def _refused(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code not in (0, None)
+    printed = capsys.readouterr()
+    return " ".join([str(stop.value.code), printed.out, printed.err])
+
+
+def test_cli_refuses_a_dataset_of_another_observation_width(tmp_path, capsys):
+    path = _write_hdf5(tmp_path / "wide.hdf5", np.zeros((20, 4), np.float32), np.zeros(20, np.float32))
+    message = _refused(["pretrain", "--dataset", str(path), "--run-dir", str(tmp_path / "run"), *PRETRAIN], capsys)
+    assert "'observations' have width 4" in message and "3" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_nan_rewards(tmp_path, capsys):
+    rewards = np.zeros(20, np.float32)
+    rewards[3] = np.nan
+    path = _write_hdf5(tmp_path / "nan.hdf5", np.zeros((20, 3), np.float32), rewards)
+    message = _refused(["pretrain", "--dataset", str(path), "--run-dir", str(tmp_path / "run"), *PRETRAIN], capsys)
+    assert "'rewards' contains 1 NaN" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_a_checkpoint_of_another_agent(tmp_path, capsys):
+    sac_run = tmp_path / "sac_run"  # what `o2o train` leaves: config.json and checkpoints/, no pretrain.json
+    (sac_run / "checkpoints").mkdir(parents=True)
+    (sac_run / "config.json").write_text(json.dumps({"config": {"agent": "sac", "env": "Pendulum-v1"}}))
+    message = _refused(["finetune", "--from", str(sac_run), "--run-dir", str(tmp_path / "wsrl"), *FINETUNE], capsys)
+    assert "not a pretraining run" in message
+    assert not (tmp_path / "wsrl").exists()
+
+
+def test_cli_refuses_a_checkpoint_of_another_network_shape(pretrained, tmp_path, capsys):
+    _, _, pretrain_dir = pretrained
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    (edited / "checkpoints").symlink_to(pretrain_dir / "checkpoints")
+    record = json.loads((pretrain_dir / "pretrain.json").read_text())
+    record["cql"]["sac"]["critic_hidden_dims"] = [32, 32]
+    (edited / "pretrain.json").write_text(json.dumps(record))
+    message = _refused(["finetune", "--from", str(edited), "--run-dir", str(tmp_path / "wsrl"), *FINETUNE], capsys)
+    assert "critic" in message and "16" in message and "32" in message
+    assert not (tmp_path / "wsrl").exists()
+
+
+@pytest.mark.slow
+def test_wsrl_locomotion_comparison_writes_every_output(pretrained, tmp_path):
+    """The locomotion comparison script end to end at a toy scale on the Pendulum dataset, then a
+    rerun that reuses every finished run."""
+    import csv
+
+    from experiments import wsrl_locomotion as wl
+
+    _, dataset, _ = pretrained
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "Pendulum-v1-random.hdf5").symlink_to(dataset)
+    scale = wl.Scale(hidden=16, num_critics=3, batch_size=8, utd_ratio=2, cql_online_utd_ratio=1, pretrain_steps=20,
+                     num_sampled_actions=2, num_backup_actions=2, warmup_steps=20, online_steps=40, eval_interval=20,
+                     eval_episodes=1, checkpoint_interval=20)
+    args = wl.Args(envs=("Pendulum-v1",), datasets=("random",), seeds=(0, 1), data_dir=data_dir, out_dir=tmp_path / "out",
+                   run_dir=tmp_path / "runs", progress=False)
+    summary = wl.run(args, scale)
+    assert set(summary) == {(method, "Pendulum-v1", "random") for method in wl.METHODS}
+    with (tmp_path / "out" / "wsrl_locomotion.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(wl.METHODS) * 2 * 3  # methods x seeds x evaluations at steps 0, 20, 40
+    assert {row["step"] for row in rows} == {"0", "20", "40"}
+    starts = {row["method"]: row["eval_return"] for row in rows if row["step"] == "0" and row["seed"] == "0"}
+    assert starts["wsrl"] == starts["cql"]  # both start from the same pretrained agent
+    report = (tmp_path / "out" / "wsrl_locomotion.md").read_text()
+    assert "WSRL final" in report and "threshold 0.8" in report
+    assert (tmp_path / "out" / "wsrl_locomotion.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "out" / "wsrl_locomotion_curves.csv").read_text().startswith("env,dataset,method,step")
+    rerun = wl.run(args, scale)  # finished runs are reused, not retrained
+    assert {key: (v["start"], v["final"]) for key, v in rerun.items()} == {key: (v["start"], v["final"]) for key, v in summary.items()}
