@@ -78,9 +78,9 @@ class Args:
     """Directory with the measured spectrum and gain files; None for the built-in parametric model."""
     b_integral: float = 2.0
     """B-integral of the amplifier (the acceptance is stated for B = 2)."""
-    sac_steps: int = 100_000
+    sac_steps: int = 150_000
     """SAC environment steps per seed (acceptance allows at most 300,000)."""
-    sac_buffer_capacity: int | None = None
+    sac_buffer_capacity: int | None = 100_000
     """SAC replay capacity (FIFO); None keeps every transition of ``--sac-steps``."""
     sac_warmup_steps: int = 100
     """Uniform-random steps before SAC learns (SB3's learning_starts of the released model)."""
