@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
@@ -102,19 +101,6 @@ def test_killed_finetune_resumes_to_the_metrics_of_an_uninterrupted_run(pretrain
     assert any("critic_loss" in row for row in reference)  # updates happened after the warm-up
 
 
-def _write_hdf5(path: Path, observations: np.ndarray, rewards: np.ndarray) -> Path:
-    count = len(rewards)
-    with h5py.File(path, "w") as handle:
-        handle["observations"] = observations
-        handle["actions"] = np.zeros((count, 1), np.float32)
-        handle["rewards"] = rewards
-        handle["next_observations"] = observations
-        handle["terminals"] = np.zeros(count, bool)
-        handle["timeouts"] = np.zeros(count, bool)
-        handle.attrs["env_id"] = "Pendulum-v1"
-    return path
-
-
 def _refused(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as stop:
         main(argv)
@@ -123,17 +109,17 @@ def _refused(argv: list[str], capsys) -> str:
     return " ".join([str(stop.value.code), printed.out, printed.err])
 
 
-def test_cli_refuses_a_dataset_of_another_observation_width(tmp_path, capsys):
-    path = _write_hdf5(tmp_path / "wide.hdf5", np.zeros((20, 4), np.float32), np.zeros(20, np.float32))
+def test_cli_refuses_a_dataset_of_another_observation_width(tmp_path, capsys, write_pendulum_hdf5):
+    path = write_pendulum_hdf5(tmp_path / "wide.hdf5", np.zeros((20, 4), np.float32), np.zeros(20, np.float32))
     message = _refused(["pretrain", "--dataset", str(path), "--run-dir", str(tmp_path / "run"), *PRETRAIN], capsys)
     assert "'observations' have width 4" in message and "3" in message
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_refuses_nan_rewards(tmp_path, capsys):
+def test_cli_refuses_nan_rewards(tmp_path, capsys, write_pendulum_hdf5):
     rewards = np.zeros(20, np.float32)
     rewards[3] = np.nan
-    path = _write_hdf5(tmp_path / "nan.hdf5", np.zeros((20, 3), np.float32), rewards)
+    path = write_pendulum_hdf5(tmp_path / "nan.hdf5", np.zeros((20, 3), np.float32), rewards)
     message = _refused(["pretrain", "--dataset", str(path), "--run-dir", str(tmp_path / "run"), *PRETRAIN], capsys)
     assert "'rewards' contains 1 NaN" in message
     assert not (tmp_path / "run").exists()

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import flax.struct
 import gymnasium as gym
-import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -289,30 +288,17 @@ def test_quickstart_fine_tuning_beats_sac_from_scratch(tmp_path):
     assert (tmp_path / "quickstart" / "learning_curves.png").stat().st_size > 0
 
 
-def _write_hdf5(path: Path, observations, rewards) -> Path:
-    count = len(rewards)
-    with h5py.File(path, "w") as handle:
-        handle["observations"] = observations
-        handle["actions"] = np.zeros((count, 1), np.float32)
-        handle["rewards"] = rewards
-        handle["next_observations"] = observations
-        handle["terminals"] = np.zeros(count, bool)
-        handle["timeouts"] = np.zeros(count, bool)
-        handle.attrs["env_id"] = "Pendulum-v1"
-    return path
-
-
-def test_dataset_of_another_observation_width_stops_before_training(tmp_path):
-    path = _write_hdf5(tmp_path / "wide.hdf5", np.zeros((20, 4), np.float32), np.zeros(20, np.float32))
+def test_dataset_of_another_observation_width_stops_before_training(tmp_path, write_pendulum_hdf5):
+    path = write_pendulum_hdf5(tmp_path / "wide.hdf5", np.zeros((20, 4), np.float32), np.zeros(20, np.float32))
     with pytest.raises(datasets.DatasetError, match=r"'observations' have width 4 .* has 3"):
         o2o.pretrain(o2o.PretrainArgs(dataset=path, run_dir=tmp_path / "run", pretrain=TINY_PRETRAIN))
     assert not (tmp_path / "run").exists()
 
 
-def test_nan_rewards_stop_before_training(tmp_path):
+def test_nan_rewards_stop_before_training(tmp_path, write_pendulum_hdf5):
     rewards = np.zeros(20, np.float32)
     rewards[7] = np.nan
-    path = _write_hdf5(tmp_path / "nan.hdf5", np.zeros((20, 3), np.float32), rewards)
+    path = write_pendulum_hdf5(tmp_path / "nan.hdf5", np.zeros((20, 3), np.float32), rewards)
     with pytest.raises(datasets.DatasetError, match=r"'rewards' contains 1 NaN"):
         o2o.pretrain(o2o.PretrainArgs(dataset=path, run_dir=tmp_path / "run", pretrain=TINY_PRETRAIN))
     assert not (tmp_path / "run").exists()
