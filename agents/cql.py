@@ -240,6 +240,7 @@ ARCHITECTURE_FIELDS = (
     "actor_layer_norm",
     "log_std_min",
     "log_std_max",
+    "state_dependent_std",
 )
 
 

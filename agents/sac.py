@@ -79,6 +79,8 @@ class SACConfig:
     """Lower clip of the policy's log standard deviation."""
     log_std_max: float = 2.0
     """Upper clip of the policy's log standard deviation."""
+    state_dependent_std: bool = True
+    """Log-std from a head on the state (SAC) or one learned vector (WSRL's ``uniform`` std)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -130,6 +132,7 @@ class SAC(flax.struct.PyTreeNode):
             final_hidden_scale=config.final_hidden_scale,
             log_std_min=config.log_std_min,
             log_std_max=config.log_std_max,
+            state_dependent_std=config.state_dependent_std,
         )
         critic_net = ensemble(StateActionValue, config.num_critics)(
             config.critic_hidden_dims,

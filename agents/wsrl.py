@@ -88,13 +88,6 @@ def _domain(name: str) -> DomainSettings:
     return DOMAINS[name]
 
 
-def _std_field(state_dependent: bool) -> dict[str, Any]:
-    # SACConfig gains `state_dependent_std` once the lead applies the change in the issue report;
-    # until then only the exp (state-dependent) head exists.
-    names = {field.name for field in dataclasses.fields(SACConfig)}
-    return {"state_dependent_std": state_dependent} if "state_dependent_std" in names else {}
-
-
 def wsrl_config(domain: Domain = "locomotion", **overrides: Any) -> SACConfig:
     """The ``wsrl`` preset (spec sections 4 and 8): the online SAC of WSRL for ``domain``.
 
@@ -127,7 +120,7 @@ def wsrl_config(domain: Domain = "locomotion", **overrides: Any) -> SACConfig:
         actor_on_full_batch=True,
         log_std_min=WSRL_LOG_STD_MIN,
         log_std_max=WSRL_LOG_STD_MAX,
-        **_std_field(settings.state_dependent_std),
+        state_dependent_std=settings.state_dependent_std,
     )
     return dataclasses.replace(config, **overrides)
 

@@ -108,6 +108,22 @@ def test_pretrained_and_online_parameter_trees_are_identical(domain, observation
     assert critic_kernel.shape == (10, observation_dim + action_dim, wsrl.DOMAINS[domain].critic_hidden_dims[0])
 
 
+@pytest.mark.parametrize("domain, state_dependent", [("antmaze", False), ("adroit", True), ("kitchen", True), ("locomotion", True)])
+def test_policy_std_head_follows_the_domain(domain, state_dependent):
+    agent = jax.eval_shape(lambda: SAC.create(jax.random.PRNGKey(0), OBS, ACT, wsrl.wsrl_config(domain)))
+    has_vector = "log_std" in agent.actor.params
+    assert has_vector != state_dependent
+    if has_vector:
+        assert agent.actor.params["log_std"].shape == (ACT.shape[0],)
+
+
+def test_online_config_with_another_std_head_is_refused():
+    pretrained = jax.eval_shape(lambda: CQL.create(jax.random.PRNGKey(0), OBS, ACT, tiny_cql()))
+    other = dataclasses.replace(tiny_cql().sac, state_dependent_std=False)
+    with pytest.raises(ValueError, match="state_dependent_std"):
+        pretrained.to_online(other)
+
+
 def test_schedule_first_update_at_5001_with_policy_warmup():
     schedule = wsrl.wsrl_schedule()
     assert schedule.warmup_steps == 5001 and schedule.warmup_actions == "policy" and schedule.updates_per_step == 1
