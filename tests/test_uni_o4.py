@@ -245,6 +245,58 @@ def test_8_ope_reductions_with_termination():
     np.testing.assert_allclose(dyn.reduce_values(values, visited, "visited_mean"), expected_mean, rtol=1e-6)
 
 
+class WearModel(flax.struct.PyTreeNode):
+    """Fake dynamics of a one-dimensional "health" state: every step costs ``wear × action`` health."""
+
+    wear: float
+
+    def step(self, observations, actions, key):
+        return observations - self.wear * actions, jnp.zeros(observations.shape[0])
+
+
+def test_cpu_scale_ope_horizon_ranks_an_early_fall_below_a_survivor():
+    """Regression (Hopper-v5 medium): offline PPO made policies more aggressive (more value per step,
+    earlier falls); the former cpu-scale OPE horizon (100) could not see the falls and ranked them
+    above their BC start. A policy worth 2 per step that falls after about 150 steps must score
+    below one worth 1 per step that never falls, at the horizon the benchmark uses."""
+    start = jnp.full((4, 1), 1.505)
+
+    def terminated(observations, actions, next_observations):
+        return next_observations[:, 0] <= 0.0
+
+    def score(action: float, horizon: int) -> float:
+        values, visited = dyn.rollout_values(
+            WearModel(0.01), lambda obs: jnp.full((obs.shape[0], 1), action), lambda obs, act: 1.0 + act[:, 0], start,
+            jax.random.PRNGKey(0), horizon, terminated,
+        )
+        return float(dyn.reduce_values(values, visited, "sum"))
+
+    horizon = u.cpu_scale().ope_horizon
+    assert score(0.0, horizon) > score(1.0, horizon)
+    assert score(1.0, 100) > score(0.0, 100)  # the short horizon inverts the ranking
+
+
+def test_kl_nearest_term_is_capped():
+    """Regression: the maximised KL was unbounded (Hopper-v5 medium: ~356 nats after 20k BC steps,
+    then the members stopped imitating the data). Past the cap the term adds no gradient: with
+    every per-sample KL above the cap, the kl_nearest gradient equals the pure BC gradient."""
+    bc = random_policies(TINY)
+    observations = jax.random.normal(jax.random.PRNGKey(6), (64, OBS))
+    actions = jax.random.uniform(jax.random.PRNGKey(7), (64, ACT), minval=-1, maxval=1)
+    cap = 1e-4
+
+    def loss(params, diversity, kl_cap):
+        return u.bc_losses(bc.net, params, observations, actions, diversity, 0.1, kl_cap)
+
+    uncapped = float(loss(bc.state.params, "kl_nearest", jnp.inf)[1]["diversity_term"])
+    capped = float(loss(bc.state.params, "kl_nearest", cap)[1]["diversity_term"])
+    assert uncapped > 100 * cap and capped == pytest.approx(cap, rel=1e-5)
+    pure = jax.grad(lambda p: loss(p, "none", cap)[0].sum())(bc.state.params)
+    nearest = jax.grad(lambda p: loss(p, "kl_nearest", cap)[0].sum())(bc.state.params)
+    for p, n in zip(jax.tree.leaves(pure), jax.tree.leaves(nearest)):
+        np.testing.assert_allclose(n, p, atol=1e-6, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def offline_run(pipeline):
     """The pipeline's offline result and its offline log rows."""
@@ -386,6 +438,23 @@ def test_config_validation_names_the_field():
         u.UniO4OnlineConfig(num_steps=100, minibatch_size=30)
     scaled = u.cpu_scale()
     assert scaled.critic_steps < u.UniO4Config().critic_steps and scaled.online == u.UniO4Config().online
+
+
+def test_hopper_benchmark_discount_prefers_survival_to_sprinting():
+    """Regression (Hopper-v5 medium): at the spec's discount 0.99 both offline and online PPO turned
+    the BC policy (measured: about 1.59 reward per step for 372 steps) into one that runs faster and
+    falls sooner (about 2.24 per step for 133 steps): higher 0.99-discounted return, half the
+    undiscounted score. The benchmark's discount must rank the survivor first, and the critics
+    and online PPO must share it (the offline V initialises the online critic)."""
+    from experiments.uni_o4_hopper import Args, benchmark_config
+
+    def discounted(reward_per_step: float, steps: int, discount: float) -> float:
+        return reward_per_step * float(np.sum(discount ** np.arange(steps)))
+
+    config = benchmark_config(Args())
+    assert config.discount == config.online.discount
+    assert discounted(1.59, 372, config.discount) > discounted(2.24, 133, config.discount)
+    assert discounted(1.59, 372, 0.99) < discounted(2.24, 133, 0.99)  # why 0.99 failed
 
 
 def test_full_pipeline_smoke_on_pendulum(pipeline):
