@@ -3,6 +3,7 @@ finetune killed by SIGKILL after its first checkpoint -> ``--resume`` gives exac
 an uninterrupted fine-tuning run; and bad inputs stop before any training with a message naming
 the mismatch and a non-zero exit."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -178,3 +179,22 @@ def test_wsrl_locomotion_comparison_writes_every_output(pretrained, tmp_path):
     assert (tmp_path / "out" / "wsrl_locomotion_curves.csv").read_text().startswith("env,dataset,method,step")
     rerun = wl.run(args, scale)  # finished runs are reused, not retrained
     assert {key: (v["start"], v["final"]) for key, v in rerun.items()} == {key: (v["start"], v["final"]) for key, v in summary.items()}
+
+
+def test_wsrl_locomotion_reward_scale_reaches_training_env_and_is_undone_in_reports(tmp_path):
+    """With ``reward_scale`` the training env pays scale x reward, and the evaluation rows the
+    comparison reports are back in raw rewards."""
+    from experiments import wsrl_locomotion as wl
+
+    scale = dataclasses.replace(wl.SCALES["cpu"], reward_scale=0.1)
+    make_env, _ = wl._training_env("Pendulum-v1", scale)
+    raw_env, _ = wl.o2o._make_env_checked("Pendulum-v1")
+    scaled, raw = make_env(), raw_env()
+    scaled.reset(seed=3), raw.reset(seed=3)
+    action = np.full(scaled.action_space.shape, 0.5, np.float32)
+    assert scaled.step(action)[1] == pytest.approx(0.1 * raw.step(action)[1])
+
+    row = {"phase": "eval", "step": 0, "seed": 0, "eval_return": -12.5, "eval_return_std": 2.0}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({"phase": "train", "step": 0}) + "\n")
+    (reported,) = wl._eval_rows(tmp_path, scale.reward_scale)
+    assert (reported["eval_return"], reported["eval_return_std"]) == pytest.approx((-125.0, 20.0))
