@@ -297,13 +297,6 @@ def test_finetune_from_the_round_trip_and_collect_with_its_agent(pretrained_run)
     assert len(datasets.load(written["checkpoint"])) == 20
 
 
-@pytest.mark.slow
-def test_quickstart_fine_tuning_beats_sac_from_scratch(tmp_path):
-    table = o2o.quickstart(o2o.QuickstartArgs(out_dir=tmp_path / "quickstart", progress=False))
-    assert table["wsrl_final"] > table["scratch_final"]
-    assert (tmp_path / "quickstart" / "learning_curves.png").stat().st_size > 0
-
-
 def test_dataset_of_another_observation_width_stops_before_training(tmp_path, write_pendulum_hdf5):
     path = write_pendulum_hdf5(tmp_path / "wide.hdf5", np.zeros((20, 4), np.float32), np.zeros(20, np.float32))
     with pytest.raises(datasets.DatasetError, match=r"'observations' have width 4 .* has 3"):
