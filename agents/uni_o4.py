@@ -698,21 +698,14 @@ def _sample(data: dict[str, jax.Array], key: jax.Array, batch_size: int) -> dict
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "batch_size"), donate_argnums=0)
-def _critic_chunk(critics: Critics, data, key, num_steps: int, batch_size: int):
-    def body(critics, step_key):
-        return critics.update(_sample(data, step_key, batch_size))
+def _update_chunk(learner: Critics | BCEnsemble, data, key, num_steps: int, batch_size: int):
+    """``num_steps`` × (uniform minibatch of ``data``, ``learner.update``) in one scan; mean metrics."""
 
-    critics, metrics = jax.lax.scan(body, critics, jax.random.split(key, num_steps))
-    return critics, jax.tree.map(jnp.mean, metrics)
+    def body(learner, step_key):
+        return learner.update(_sample(data, step_key, batch_size))
 
-
-@functools.partial(jax.jit, static_argnames=("num_steps", "batch_size"), donate_argnums=0)
-def _bc_chunk(bc: BCEnsemble, data, key, num_steps: int, batch_size: int):
-    def body(bc, step_key):
-        return bc.update(_sample(data, step_key, batch_size))
-
-    bc, metrics = jax.lax.scan(body, bc, jax.random.split(key, num_steps))
-    return bc, jax.tree.map(jnp.mean, metrics)
+    learner, metrics = jax.lax.scan(body, learner, jax.random.split(key, num_steps))
+    return learner, jax.tree.map(jnp.mean, metrics)
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps",))
@@ -957,12 +950,12 @@ def train_offline(
     critics = Critics.create(critic_init, obs_dim, action_dim, config)
     critics = stage(
         "critic", config.critic_steps, config.chunk_steps, critics,
-        lambda c, k, n: _critic_chunk(c, data, k, num_steps=n, batch_size=config.critic_batch_size), critic_key,
+        lambda c, k, n: _update_chunk(c, data, k, num_steps=n, batch_size=config.critic_batch_size), critic_key,
     )
     bc = BCEnsemble.create(bc_init, obs_dim, action_dim, config)
     bc = stage(
         "bc", config.bc_steps, config.chunk_steps, bc,
-        lambda b, k, n: _bc_chunk(b, data, k, num_steps=n, batch_size=config.bc_batch_size), bc_key,
+        lambda b, k, n: _update_chunk(b, data, k, num_steps=n, batch_size=config.bc_batch_size), bc_key,
     )
     model = dyn.train_dynamics(
         dataset.observations, dataset.actions, dataset.rewards, dataset.next_observations, config.dynamics, model_key,
