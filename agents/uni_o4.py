@@ -28,7 +28,8 @@ Recommended design choices of spec section 8 that this module follows:
   every evaluation (so OPE is a deterministic function of the policy).
 - #7 replacement when the score exceeds the stored score of the current behaviour policy.
 - #8 selection by argmax OPE with zero env interaction; ``selection_eval_episodes > 0`` enables
-  the code rule (top-k by OPE, then best real-env evaluation); both are logged.
+  the code rule (top-k by OPE, then best real-env evaluation on its own reset-seed stream, so
+  the reported return of the chosen member is not selection-biased); both choices are logged.
 - #9 constant ε = 0.25 (``clip_schedule="parity"`` gives the reference's 0.25 → 0.245).
 - #10 identical policy head offline and online (same module, same parameters).
 - #11 online critic = offline V (rewards are not rescaled here).
@@ -74,6 +75,10 @@ from rl.rollouts import OnPolicyConfig, train_on_policy
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 0.0
 OFFLINE_EVAL_STREAM = 3
 """Reset-seed stream of offline real-env evaluations (0-2 are training / evaluation / tasks)."""
+SELECTION_EVAL_STREAM = 4
+"""Reset-seed stream of the real-env episodes of the code selection rule: kept apart from the
+reporting stream so that the reported return of the selected member is not the maximum of the
+same noisy episodes it was chosen on."""
 
 
 # ----------------------------------------------------------------------------- configs
@@ -214,7 +219,9 @@ class UniO4Config:
     ope_reduction: Literal["sum", "visited_mean"] = "sum"
     """OPE reduction (spec #5)."""
     selection_eval_episodes: int = 0
-    """0: select by argmax OPE; >0: top-k by OPE, then the best real-env return over this many episodes."""
+    """0: select by argmax OPE (no env interaction); >0: the reference code's rule, top-k by OPE,
+    then the best mean real-env return over this many episodes per candidate (k x this many
+    episodes of interaction before fine-tuning)."""
     selection_top_k: int = 3
     """k of the code selection rule."""
     normalize_observations: bool = True
@@ -867,12 +874,13 @@ def evaluate_policies(
     make_env: Callable[[], gym.Env],
     run_seed: int,
     episodes: int,
+    stream: int = OFFLINE_EVAL_STREAM,
 ) -> np.ndarray:
     """Real-env returns ``[P, episodes]`` of P stacked policies' mean actions (all in lockstep);
-    every policy sees the same reset seeds (a dedicated stream)."""
+    every policy sees the same reset seeds, drawn from reset-seed ``stream``."""
     count = jax.tree.leaves(stacked_params)[0].shape[0]
     envs = [[make_env() for _ in range(episodes)] for _ in range(count)]
-    seeds = [[episode_seed(run_seed, OFFLINE_EVAL_STREAM, j) for j in range(episodes)] for _ in range(count)]
+    seeds = [[episode_seed(run_seed, stream, j) for j in range(episodes)] for _ in range(count)]
     try:
         act = lambda obs: np.asarray(  # noqa: E731
             _mean_actions(net, stacked_params, moments, jnp.asarray(obs), config.observation_clip, config.action_limit)
@@ -882,6 +890,17 @@ def evaluate_policies(
         for row in envs:
             for env in row:
                 env.close()
+
+
+def select_by_code_rule(
+    ope_scores: np.ndarray, top_k: int, evaluate: Callable[[np.ndarray], np.ndarray]
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """The reference code's selection: the ``top_k`` members by OPE score (ties by index), then
+    the one with the best mean real-env return. ``evaluate(members)`` returns their returns
+    ``[len(members), episodes]``. Returns (selected member, candidates, their returns)."""
+    candidates = np.argsort(-np.asarray(ope_scores), kind="stable")[:top_k]
+    returns = np.asarray(evaluate(candidates))
+    return int(candidates[np.argmax(returns.mean(axis=1))]), candidates, returns
 
 
 # ----------------------------------------------------------------------------- offline driver
@@ -909,6 +928,10 @@ class OfflineResult:
     """Real-env returns of the BC members [N, episodes] (when evaluated)."""
     final_returns: np.ndarray | None = None
     """Real-env returns of the final members [N, episodes] (when evaluated)."""
+    selection_candidates: np.ndarray | None = None
+    """Members the code selection rule compared (top-k by OPE), when it ran."""
+    selection_returns: np.ndarray | None = None
+    """Their real-env returns [k, selection_eval_episodes] on the selection stream."""
 
 
 def train_offline(
@@ -984,14 +1007,21 @@ def train_offline(
     final_scores = np.asarray(state.behaviour_scores)
     by_ope = int(np.argmax(final_scores))
     result = OfflineResult(critics, bc, state, model, bc_scores, final_scores, replacements, by_ope, by_ope)
-    episodes = max(eval_episodes, config.selection_eval_episodes)
-    if make_env is not None and episodes > 0:
+    if config.selection_eval_episodes > 0:
+        if make_env is None:
+            raise ValueError("selection_eval_episodes > 0 needs make_env (the code rule evaluates members in the real env)")
+        result.selected, result.selection_candidates, result.selection_returns = select_by_code_rule(
+            final_scores,
+            config.selection_top_k,
+            lambda members: evaluate_policies(
+                bc.net, jax.tree.map(lambda leaf: leaf[members], state.behaviour_params), moments, config, make_env,
+                seed, config.selection_eval_episodes, SELECTION_EVAL_STREAM,
+            ),
+        )
+    if make_env is not None and eval_episodes > 0:
         both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), bc.state.params, state.behaviour_params)
-        returns = evaluate_policies(bc.net, both, moments, config, make_env, seed, episodes)
+        returns = evaluate_policies(bc.net, both, moments, config, make_env, seed, eval_episodes)
         result.bc_returns, result.final_returns = returns[: config.num_policies], returns[config.num_policies :]
-        if config.selection_eval_episodes > 0:
-            top = np.argsort(-final_scores)[: config.selection_top_k]
-            result.selected = int(top[np.argmax(result.final_returns[top, : config.selection_eval_episodes].mean(axis=1))])
     log({"phase": "select", "step": config.improvement_steps, "selected": result.selected, "selected_by_ope": by_ope,
          "replacements": len(replacements)})
     return result
@@ -1075,6 +1105,12 @@ def _offline_summary(result: OfflineResult, score: Callable[[np.ndarray], np.nda
         "bc_ope": result.bc_scores.tolist(),
         "final_ope": result.final_scores.tolist(),
     }
+    if result.selection_returns is not None:
+        summary.update(
+            selection_candidates=result.selection_candidates.tolist(),
+            selection_returns=result.selection_returns.mean(axis=1).tolist(),
+            selection_episodes=int(result.selection_returns.size),
+        )
     if result.bc_returns is not None:
         bc_mean = result.bc_returns.mean(axis=1)
         final_mean = result.final_returns.mean(axis=1)
@@ -1088,6 +1124,7 @@ def _offline_summary(result: OfflineResult, score: Callable[[np.ndarray], np.nda
             bc_best_score=float(np.mean(score(result.bc_returns[int(np.argmax(bc_mean))]))),
             bc_mean_score=float(np.mean(score(result.bc_returns))),
             selected_score=float(np.mean(score(result.final_returns[result.selected]))),
+            selected_by_ope_score=float(np.mean(score(result.final_returns[result.selected_by_ope]))),
             selected_bc_score=float(np.mean(score(result.bc_returns[result.selected]))),
         )
     return summary

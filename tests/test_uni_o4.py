@@ -484,3 +484,48 @@ def test_o2o_run_agent_uni_o4_runs_offline_then_online(tmp_path, pipeline):
     assert (root / "summary.json").is_file()
     online_evals = [row for row in read_metrics(root / "online") if row.get("phase") == "eval"]
     assert online_evals and max(row["step"] for row in online_evals) >= TINY.online.total_steps
+
+
+def test_code_selection_rule_picks_best_real_return_among_top_k_by_ope():
+    seen = []
+
+    def evaluate(members):
+        seen.append(list(members))
+        real = {0: 5.0, 1: 9.0, 2: 7.0, 3: 100.0}
+        return np.array([[real[int(m)], real[int(m)] + 1.0] for m in members])
+
+    selected, candidates, returns = u.select_by_code_rule(np.array([3.0, 1.0, 2.0, 0.5]), 3, evaluate)
+    assert seen == [[0, 2, 1]]  # member 3 is outside the top 3 by OPE, whatever its real return
+    assert selected == 1 and list(candidates) == [0, 2, 1] and returns.shape == (3, 2)
+
+
+def test_selection_episodes_use_their_own_reset_stream(pipeline):
+    from rl.evaluation import episode_seed
+
+    result = pipeline[0]["offline_results"][0]
+    resets = []
+
+    class RecordingPendulum:
+        def __init__(self):
+            import gymnasium as gym
+
+            self.env = gym.wrappers.RescaleAction(gym.make("Pendulum-v1"), -1.0, 1.0)
+
+        def reset(self, seed=None):
+            resets.append(seed)
+            return self.env.reset(seed=seed)
+
+        def step(self, action):
+            return self.env.step(action)
+
+        def close(self):
+            self.env.close()
+
+    moments = u.dataset_moments(synthetic_dataset(), True)
+    params = jax.tree.map(lambda leaf: leaf[:1], result.improvement.behaviour_params)
+    for stream in (u.OFFLINE_EVAL_STREAM, u.SELECTION_EVAL_STREAM):
+        u.evaluate_policies(result.bc.net, params, moments, TINY, RecordingPendulum, run_seed=0, episodes=2, stream=stream)
+    reporting, selection = resets[:2], resets[2:]
+    assert reporting == [episode_seed(0, u.OFFLINE_EVAL_STREAM, j) for j in range(2)]
+    assert selection == [episode_seed(0, u.SELECTION_EVAL_STREAM, j) for j in range(2)]
+    assert not set(reporting) & set(selection)
