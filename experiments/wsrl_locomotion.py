@@ -27,9 +27,10 @@ Scales (``--scale``):
   and 10 backup actions, K = 5,000 warm-up steps, 1,000,000 online steps (the maintainer's
   locomotion budget, zhouzypaul/wsrl#5), 20 evaluation episodes every 20,000 steps.
 - ``cpu`` (fits Hopper-v5 medium x 4 methods x 3 seeds in about an hour on two shared CPU cores):
-  actor and critics 128x128, 5 critics (subset 2 with replacement), batch 128 per critic step,
-  UTD 4 (so 512 transitions per update), 16,000 offline steps with 5 + 5 + 5 sampled and 5 backup
-  actions, K = 1,000 warm-up steps, 6,000 online steps, 5 evaluation episodes every 500 steps, and
+  actor and critics 128x128, 5 critics (subset 2 with replacement), batch 128 per offline critic
+  step (online: the spec's 256, UTD 4, so 1,024 transitions per update), 16,000 offline steps with
+  5 + 5 + 5 sampled and 5 backup actions, K = 2,000 warm-up steps, 7,000 online steps (5,000 after
+  the warm-up), 5 evaluation episodes every 500 steps, and
   training rewards x 0.1 for every method (initial temperature and alpha_cql x 0.1 with them;
   reported returns are unscaled). Everything else (LayerNorm, learning rates, tau, discount,
   target entropy) is as in ``paper``. Why the reward scale: with 30x fewer offline steps at the
@@ -37,8 +38,9 @@ Scales (``--scale``):
   Q on dataset actions 67 after 8,000 steps, 162 after 32,000, still rising) and catches up online,
   which is where the switch to online SAC dips; Adam moves a LayerNorm critic's output by a bounded
   amount per step, so at x 0.1 the critic gets further in fewer steps (in unscaled units, mean Q
-  219 after 16,000 steps). Measured on Hopper-v5 medium, this reduces but does not remove the dip
-  (see the results README).
+  219 after 16,000 steps). Measured on Hopper-v5 medium, this reduces but does not remove the dip;
+  the online batch of 256 and K = 2,000 (instead of 128 and 1,000) removed the rest (see the
+  results README).
 
 Outputs in ``--out-dir``: ``<name>.csv`` (one row per method x env x dataset x seed x evaluation
 step), ``<name>_curves.csv`` (mean and std over seeds), ``<name>.md`` (table and acceptance checks)
@@ -95,7 +97,7 @@ class Scale:
     num_critics: int
     """Critic ensemble size (the TD target takes the min over 2 drawn with replacement)."""
     batch_size: int
-    """Transitions per critic step (offline and online)."""
+    """Transitions per critic step of pre-training (and online, unless ``online_batch_size`` is set)."""
     utd_ratio: int
     """Online critic steps per environment step (WSRL, RLPD, SAC)."""
     cql_online_utd_ratio: int
@@ -122,11 +124,18 @@ class Scale:
     """Training reward multiplier (dataset and training env, every method); the initial temperature
     and alpha_cql are multiplied by it too, so the scaled problem weighs entropy and conservatism
     against reward as the unscaled one does. Reported returns are unscaled."""
+    online_batch_size: int | None = None
+    """Transitions per online critic step of every method (None: ``batch_size``)."""
+
+    @property
+    def online_batch(self) -> int:
+        """Transitions per online critic step."""
+        return self.batch_size if self.online_batch_size is None else self.online_batch_size
 
 
 SCALES: dict[str, Scale] = {
     "paper": Scale(256, 10, 256, 4, 1, 250_000, 10, 10, 5_000, 1_000_000, 20_000, 20, 100_000),
-    "cpu": Scale(128, 5, 128, 4, 1, 16_000, 5, 5, 1_000, 6_000, 500, 5, 2_000, reward_scale=0.1),
+    "cpu": Scale(128, 5, 128, 4, 1, 16_000, 5, 5, 2_000, 7_000, 500, 5, 2_000, reward_scale=0.1, online_batch_size=256),
 }
 
 
@@ -173,7 +182,8 @@ def method_configs(scale: Scale) -> tuple[CQLConfig, SACConfig, SACConfig]:
         batch_size=scale.batch_size,
         init_temperature=1.0 * scale.reward_scale,
     )
-    online = wsrl.wsrl_config("locomotion", utd_ratio=scale.utd_ratio, **shape)
+    online_shape = {**shape, "batch_size": scale.online_batch}
+    online = wsrl.wsrl_config("locomotion", utd_ratio=scale.utd_ratio, **online_shape)
     pretrain = wsrl.pretrain_config(
         "locomotion",
         sac=wsrl.wsrl_config(
@@ -184,7 +194,7 @@ def method_configs(scale: Scale) -> tuple[CQLConfig, SACConfig, SACConfig]:
         num_backup_actions=scale.num_backup_actions,
     )
     pretrain = dataclasses.replace(pretrain, cql_alpha=pretrain.cql_alpha * scale.reward_scale)
-    rlpd = wsrl.rlpd_wsrl_config("locomotion", utd_ratio=scale.utd_ratio, **shape)
+    rlpd = wsrl.rlpd_wsrl_config("locomotion", utd_ratio=scale.utd_ratio, **online_shape)
     return pretrain, online, rlpd
 
 
@@ -326,7 +336,8 @@ def run_method(
                           run_config={"method": method, "sac": online_config, "online": schedule}, **common)
         elif method == "cql":
             cql_config = dataclasses.replace(
-                pretrain_config, sac=dataclasses.replace(pretrain_config.sac, utd_ratio=scale.cql_online_utd_ratio)
+                pretrain_config,
+                sac=dataclasses.replace(pretrain_config.sac, utd_ratio=scale.cql_online_utd_ratio, batch_size=scale.online_batch),
             )
             pretrained = restore_pretrained_agent(pretrain_dir, env_id, pretrain_config, len(seeds))
             pretrained = pretrained.replace(config=cql_config, sac=pretrained.sac.replace(config=cql_config.sac))
@@ -522,6 +533,7 @@ def _field_docs() -> list[str]:
         "evaluation interval", "evaluation episodes per seed", "online checkpoint interval",
         "pre-training temperature learning rate (None: the spec's 1e-4)",
         "training reward multiplier of every method (initial temperature and alpha_cql scaled with it; reported returns unscaled)",
+        "transitions per online critic step of every method (None: batch_size)",
     ]
 
 

@@ -198,3 +198,14 @@ def test_wsrl_locomotion_reward_scale_reaches_training_env_and_is_undone_in_repo
     (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({"phase": "train", "step": 0}) + "\n")
     (reported,) = wl._eval_rows(tmp_path, scale.reward_scale)
     assert (reported["eval_return"], reported["eval_return_std"]) == pytest.approx((-125.0, 20.0))
+
+
+def test_wsrl_locomotion_online_batch_applies_to_every_online_method_not_pretraining():
+    from experiments import wsrl_locomotion as wl
+
+    scale = dataclasses.replace(wl.SCALES["cpu"], batch_size=128, online_batch_size=256)
+    pretrain, online, rlpd = wl.method_configs(scale)
+    assert pretrain.sac.batch_size == 128
+    assert online.batch_size == rlpd.batch_size == 256
+    assert dataclasses.replace(scale, online_batch_size=None).online_batch == 128
+    assert len(wl._field_docs()) == len(dataclasses.fields(wl.Scale))  # every setting is documented in the report
