@@ -38,9 +38,10 @@ Scales (``--scale``):
   Q on dataset actions 67 after 8,000 steps, 162 after 32,000, still rising) and catches up online,
   which is where the switch to online SAC dips; Adam moves a LayerNorm critic's output by a bounded
   amount per step, so at x 0.1 the critic gets further in fewer steps (in unscaled units, mean Q
-  219 after 16,000 steps). Measured on Hopper-v5 medium, this reduces but does not remove the dip;
-  the online batch of 256 and K = 2,000 (instead of 128 and 1,000) removed the rest (see the
-  results README).
+  219 after 16,000 steps). Measured on Hopper-v5 medium, this removes the early collapse; with the
+  online batch of 256 and K = 2,000 (instead of 128 and 1,000) the lowest mean return stayed above
+  0.8 of the pretrained policy's, though single-seed transient failures remain (see the results
+  README).
 
 Outputs in ``--out-dir``: ``<name>.csv`` (one row per method x env x dataset x seed x evaluation
 step), ``<name>_curves.csv`` (mean and std over seeds), ``<name>.md`` (table and acceptance checks)
