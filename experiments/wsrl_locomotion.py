@@ -370,21 +370,19 @@ def run_method(
 # ----------------------------------------------------------------------------- summaries
 
 
-def score_function(dataset: datasets.OfflineDataset, env_id: str):
+def score_function(dataset: datasets.OfflineDataset, env_id: str, return_scale: float = 1.0):
     """Normalised score by the D4RL reference returns of the env family (spec 7.3), else by the
-    dataset's recorded random / expert returns; returns (function or None, (min, max), source)."""
+    dataset's recorded random / expert returns; returns (function or None, (min, max), source).
+    ``return_scale`` undoes the reward scale of the training env the scored returns come from."""
     table = datasets.reference_scores(env_id)
-    if table is not None:
-        return (lambda returns: datasets.normalised_score(returns, *table)), table, "D4RL reference"
     recorded = datasets.dataset_reference_scores(dataset)
-    if recorded is not None and all(math.isfinite(value) for value in recorded) and recorded[0] != recorded[1]:
-        return (lambda returns: datasets.normalised_score(returns, *recorded)), recorded, "dataset random / expert"
-    return None, None, "none"
-
-
-def _unscaled(score_fn, reward_scale: float):
-    """``score_fn`` for returns of rewards multiplied by ``reward_scale``."""
-    return lambda returns: score_fn(returns / reward_scale)
+    if table is not None:
+        reference, source = table, "D4RL reference"
+    elif recorded is not None and all(math.isfinite(value) for value in recorded) and recorded[0] != recorded[1]:
+        reference, source = recorded, "dataset random / expert"
+    else:
+        return None, None, "none"
+    return (lambda returns: datasets.normalised_score(np.asarray(returns) / return_scale, *reference)), reference, source
 
 
 def summarise(rows: list[dict[str, Any]], warmup_steps: int) -> dict[str, dict[str, float]]:
@@ -558,11 +556,9 @@ def run(args: Args, scale: Scale | None = None) -> dict[tuple, dict[str, float]]
     for env_id in args.envs:
         for recipe in args.datasets:
             dataset, _ = o2o.load_checked_dataset(ensure_dataset(env_id, recipe, args), env_id)
-            score_fn, reference, source = score_function(dataset, env_id)
+            score_fn, reference, source = score_function(dataset, env_id, scale.reward_scale)
             scores[env_id] = (reference, source)
             training_data = transform_rewards(dataset, scale.reward_scale, 0.0)
-            if score_fn is not None and scale.reward_scale != 1.0:
-                score_fn = _unscaled(score_fn, scale.reward_scale)
             root = args.run_dir / args.scale / f"{o2o._dataset_name(env_id)}-{recipe}"
             pretrain_dir = None
             if {"wsrl", "cql"} & set(args.methods):
