@@ -7,6 +7,10 @@ Workload (the same for every library): observation 17, action 6, 256x256 MLPs, b
 - ``scan``: ``--k`` sample+update steps per call (o2o: ``lax.scan``; SBX: its ``fori_loop``);
 - ``vmap``: o2o only, ``--k`` steps per call for N seeds at once; updates/s is summed over seeds.
 
+Besides the libraries, library ``plain-jax`` (mode ``scan``) is the same update written in bare
+``jax.numpy`` (``experiments/plain_jax_sac.py``): what XLA makes of the arithmetic with no framework
+in between, so o2o's distance to it is the cost of o2o's abstractions.
+
 Each cell is the median of ``--repeats`` timed windows of ``--seconds`` after a compile/warm-up
 call. The same run measures the machine's arithmetic bound for this workload: XLA's FLOP count of
 one o2o update (``cost_analysis`` of the compiled program) divided by the measured throughput of
@@ -34,6 +38,7 @@ import numpy as np
 import tyro
 
 from agents.sac import SAC, SACConfig
+from experiments import plain_jax_sac
 from rl.data import replay
 from rl.types import Transition
 from rl.update import compile_updates
@@ -121,6 +126,28 @@ def o2o_rates(args: Args) -> list[dict]:
     for count in args.seeds:
         measure("vmap", args.k, count)
     return rows
+
+
+def plain_jax_rates(args: Args) -> list[dict]:
+    """The bare-``jax.numpy`` SAC update, ``--k`` steps per scanned call (one row)."""
+    data = random_transitions(BUFFER)
+    buffer = plain_jax_sac.Buffer(
+        *(jnp.asarray(column, jnp.float32) for column in
+          (data.observations, data.actions, data.rewards, data.next_observations, data.terminated))
+    )
+    state = {"sac": plain_jax_sac.init_state(jax.random.PRNGKey(0), OBS_DIM, ACT_DIM)}
+    run = plain_jax_sac.compile_scan(args.k, BATCH)
+    counter = {"calls": 0}
+
+    def call() -> int:
+        counter["calls"] += 1
+        state["sac"], losses = run(state["sac"], buffer, jax.random.PRNGKey(counter["calls"]))
+        jax.block_until_ready(losses)
+        return args.k
+
+    rate = timed_rate(call, args.seconds, args.repeats)
+    print(f"plain-jax scan   seeds=  1: {rate:9.1f} updates/s", flush=True)
+    return [{"library": "plain-jax", "mode": "scan", "seeds": 1, "updates_per_s": rate}]
 
 
 def update_flops() -> float:
@@ -240,7 +267,7 @@ def print_table(rows: list[dict]) -> None:
 def main(args: Args) -> list[dict]:
     """Measure everything, print the table and write the CSV."""
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
-    rows = arithmetic_bound(args) + o2o_rates(args)
+    rows = arithmetic_bound(args) + plain_jax_rates(args) + o2o_rates(args)
     for name in args.peers:
         try:
             rows += PEERS[name](args)
