@@ -40,8 +40,8 @@ Scales (``--scale``):
   the critic gets further in fewer steps. Why 48,000 offline steps: on Hopper-v5 medium the
   pretrained policy stays at 300-350 (behaviour policy: 541.7) up to 40,000 steps and reaches
   about 600 by 48,000 (mean over 3 seeds x 10 episodes: 8k 306, 16k 301, 24k 338, 32k 303,
-  40k 362, 48k 603); from a 300 start WSRL has little to give that SAC from scratch does not learn within the
-  budget. With the online batch of 256 and K = 2,000 (instead of 128 and 1,000) fine-tuning stays
+  40k 362, 48k 603); from a 300 start WSRL has little to give that SAC from scratch does not
+  learn within the budget. With the online batch of 256 and K = 2,000 (instead of 128 and 1,000) fine-tuning stays
   above 0.8 of the pretrained return (see the results README).
 
 Outputs in ``--out-dir``: ``<name>.csv`` (one row per method x env x dataset x seed x evaluation
