@@ -128,13 +128,16 @@ def o2o_rates(args: Args) -> list[dict]:
     return rows
 
 
+def plain_jax_buffer(count: int, seed: int = 0) -> plain_jax_sac.Buffer:
+    """``random_transitions`` as the bare update's float32 device buffer."""
+    data = random_transitions(count, seed)
+    columns = (data.observations, data.actions, data.rewards, data.next_observations, data.terminated)
+    return plain_jax_sac.Buffer(*(jnp.asarray(column, jnp.float32) for column in columns))
+
+
 def plain_jax_rates(args: Args) -> list[dict]:
     """The bare-``jax.numpy`` SAC update, ``--k`` steps per scanned call (one row)."""
-    data = random_transitions(BUFFER)
-    buffer = plain_jax_sac.Buffer(
-        *(jnp.asarray(column, jnp.float32) for column in
-          (data.observations, data.actions, data.rewards, data.next_observations, data.terminated))
-    )
+    buffer = plain_jax_buffer(BUFFER)
     state = {"sac": plain_jax_sac.init_state(jax.random.PRNGKey(0), OBS_DIM, ACT_DIM)}
     run = plain_jax_sac.compile_scan(args.k, BATCH)
     counter = {"calls": 0}

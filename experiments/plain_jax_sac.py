@@ -70,8 +70,11 @@ def init_state(key: jax.Array, obs_dim: int, action_dim: int, hidden: int = 256,
     actor = [_dense(keys[3], obs_dim, hidden), _dense(keys[4], hidden, hidden), _dense(keys[5], hidden, 2 * action_dim)]
     zeros = lambda tree: AdamMoments(jax.tree.map(jnp.zeros_like, tree), jax.tree.map(jnp.zeros_like, tree))
     log_alpha = jnp.zeros(())
+    # A copy, not the same arrays: the scanned call donates the state, and XLA refuses to donate
+    # one buffer twice.
+    target_critic = jax.tree.map(jnp.copy, critic)
     return PlainSACState(
-        critic, jax.tree.map(jnp.copy, critic), actor, log_alpha, zeros(critic), zeros(actor), zeros(log_alpha), jnp.zeros(())
+        critic, target_critic, actor, log_alpha, zeros(critic), zeros(actor), zeros(log_alpha), jnp.zeros(())
     )
 
 
@@ -108,7 +111,9 @@ def adam_step(params: Any, grads: Any, moments: AdamMoments, step: jax.Array) ->
     return params, AdamMoments(first, second)
 
 
-def update(state: PlainSACState, buffer: Buffer, key: jax.Array, batch_size: int = 256) -> tuple[PlainSACState, jax.Array]:
+def update(
+    state: PlainSACState, buffer: Buffer, key: jax.Array, batch_size: int = 256
+) -> tuple[PlainSACState, jax.Array]:
     """Sample a batch and apply one SAC update; returns the new state and the critic loss."""
     sample_key, next_key, actor_key = jax.random.split(key, 3)
     rows = jax.random.randint(sample_key, (batch_size,), 0, buffer.rewards.shape[0])
@@ -135,15 +140,20 @@ def update(state: PlainSACState, buffer: Buffer, key: jax.Array, batch_size: int
     # d/d log_alpha of -log_alpha * (log pi + target entropy), target entropy -|A|.
     alpha_grad = -(jax.lax.stop_gradient(log_probs).mean() - action_dim)
     log_alpha, alpha_moments = adam_step(state.log_alpha, alpha_grad, state.alpha_moments, step)
-    new_state = PlainSACState(critic, target_critic, actor, log_alpha, critic_moments, actor_moments, alpha_moments, step)
+    new_state = PlainSACState(
+        critic, target_critic, actor, log_alpha, critic_moments, actor_moments, alpha_moments, step
+    )
     return new_state, critic_loss
 
 
-def compile_scan(num_updates: int, batch_size: int = 256) -> Callable[[PlainSACState, Buffer, jax.Array], tuple[PlainSACState, jax.Array]]:
+def compile_scan(
+    num_updates: int, batch_size: int = 256
+) -> Callable[[PlainSACState, Buffer, jax.Array], tuple[PlainSACState, jax.Array]]:
     """A jitted ``(state, buffer, key) -> (state, losses)`` running ``num_updates`` updates in one
     ``lax.scan``; the state is donated."""
 
     def run(state, buffer, key):
-        return jax.lax.scan(lambda carry, step_key: update(carry, buffer, step_key, batch_size), state, jax.random.split(key, num_updates))
+        keys = jax.random.split(key, num_updates)
+        return jax.lax.scan(lambda carry, step_key: update(carry, buffer, step_key, batch_size), state, keys)
 
     return jax.jit(run, donate_argnums=0)

@@ -2,11 +2,10 @@
 correctly, and its plain-JAX reference row does the same work as o2o and learns."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments import plain_jax_sac
-from experiments.bench_updates import ACT_DIM, BATCH, OBS_DIM, update_flops
+from experiments.bench_updates import ACT_DIM, BATCH, OBS_DIM, plain_jax_buffer, update_flops
 
 
 def test_update_flop_count_matches_hand_count_of_dense_products():
@@ -24,15 +23,7 @@ def test_update_flop_count_matches_hand_count_of_dense_products():
 
 def _plain_jax_setup() -> tuple[plain_jax_sac.PlainSACState, plain_jax_sac.Buffer]:
     """A fresh reference state and a 512-transition random buffer."""
-    rng = np.random.default_rng(0)
-    buffer = plain_jax_sac.Buffer(
-        jnp.asarray(rng.standard_normal((512, OBS_DIM)), jnp.float32),
-        jnp.asarray(rng.uniform(-1, 1, (512, ACT_DIM)), jnp.float32),
-        jnp.asarray(rng.standard_normal(512), jnp.float32),
-        jnp.asarray(rng.standard_normal((512, OBS_DIM)), jnp.float32),
-        jnp.zeros(512, jnp.float32),
-    )
-    return plain_jax_sac.init_state(jax.random.PRNGKey(0), OBS_DIM, ACT_DIM), buffer
+    return plain_jax_sac.init_state(jax.random.PRNGKey(0), OBS_DIM, ACT_DIM), plain_jax_buffer(512)
 
 
 def test_plain_jax_reference_does_the_same_arithmetic_as_the_o2o_update():
