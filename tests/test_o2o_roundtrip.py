@@ -209,3 +209,20 @@ def test_wsrl_locomotion_online_batch_applies_to_every_online_method_not_pretrai
     assert online.batch_size == rlpd.batch_size == 256
     assert dataclasses.replace(scale, online_batch_size=None).online_batch == 128
     assert len(wl._field_docs()) == len(dataclasses.fields(wl.Scale))  # every setting is documented in the report
+
+
+def test_wsrl_locomotion_dip_check_passes_misses_and_does_not_apply_to_non_positive_starts():
+    from experiments import wsrl_locomotion as wl
+
+    def rows(method, returns):
+        return [{"method": method, "env": "E", "dataset": "d", "seed": 0, "step": 500 * i, "eval_return": value}
+                for i, value in enumerate(returns)]
+
+    def dip_line(wsrl_returns):
+        summary = wl.summarise(rows("wsrl", wsrl_returns) + rows("sac", [0.0, 1.0, 2.0]), warmup_steps=500)
+        return wl.acceptance_lines(summary)[-1]
+
+    assert dip_line([100.0, 85.0, 120.0]).endswith("0.85 x the pretrained policy's 100.0 (threshold 0.8): PASS")
+    assert dip_line([100.0, 70.0, 120.0]).endswith(": MISS")
+    negative = dip_line([-1133.7, -1581.6, -900.0])
+    assert negative.endswith(": N/A") and "nan" not in negative
