@@ -41,8 +41,8 @@ Scales (``--scale``):
   pretrained policy stays at 300-350 (behaviour policy: 541.7) up to 40,000 steps and reaches
   about 600 by 48,000 (mean over 3 seeds x 10 episodes: 8k 306, 16k 301, 24k 338, 32k 303,
   40k 362, 48k 603); from a 300 start WSRL has little to give that SAC from scratch does not
-  learn within the budget. With the online batch of 256 and K = 2,000 (instead of 128 and 1,000) fine-tuning stays
-  above 0.8 of the pretrained return (see the results README).
+  learn within the budget. With the online batch of 256 and K = 2,000 (instead of 128 and 1,000)
+  fine-tuning stays above 0.8 of the pretrained return (see the results README).
 
 Outputs in ``--out-dir``: ``<name>.csv`` (one row per method x env x dataset x seed x evaluation
 step), ``<name>_curves.csv`` (mean and std over seeds), ``<name>.md`` (table and acceptance checks)
@@ -409,6 +409,7 @@ def summarise(rows: list[dict[str, Any]], warmup_steps: int) -> dict[str, dict[s
             "final_std": float(np.std(finals)),
             "final_step": steps[-1],
             "min_after_start": lowest,
+            # A fraction of a non-positive return is no bound (Pendulum's returns are all negative).
             "min_ratio": lowest / start if start > 0 else float("nan"),
             "seeds": len(finals),
         }
@@ -482,8 +483,7 @@ def acceptance_lines(summary: dict[tuple, dict[str, float]]) -> list[str]:
                 f"(difference {ws['final'] - sac['final']:+.1f}): {verdict}"
             )
         lowest = f"- {env_id} {recipe}: WSRL lowest mean return after the start {ws['min_after_start']:.1f}"
-        if ws["start"] <= 0:
-            # A fraction of a non-positive return is no bound (Pendulum's returns are all negative).
+        if math.isnan(ws["min_ratio"]):
             lines.append(f"{lowest}; the pretrained policy's {ws['start']:.1f} is not positive, so a fraction of it "
                          f"(threshold {DIP_THRESHOLD}) is no bound: N/A")
             continue
@@ -515,7 +515,8 @@ def markdown_report(
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (method, env_id, recipe), s in sorted(summary.items(), key=lambda item: (item[0][1], item[0][2], METHODS.index(item[0][0]))):
-        ratio = f"{s['min_ratio']:.2f}" if method in PRETRAINED and s["start"] > 0 else "-"  # a fresh or non-positive start is no reference
+        # A fresh or non-positive start is no reference.
+        ratio = f"{s['min_ratio']:.2f}" if method in PRETRAINED and not math.isnan(s["min_ratio"]) else "-"
         lines.append(
             f"| {env_id} | {recipe} | {METHOD_LABELS[method]} | {s['seeds']} | {s['start']:.1f} | "
             f"{s['after_warmup']:.1f} (step {s['warmup_step']}) | {s['final']:.1f} ± {s['final_std']:.1f} (step {s['final_step']}) | "
