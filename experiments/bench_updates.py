@@ -90,22 +90,25 @@ def random_transitions(count: int, seed: int = 0) -> Transition:
     )
 
 
-def o2o_rates(args: Args) -> list[dict]:
-    """o2o per-call, scan and vmap rates."""
+def benchmark_agent(key: jax.Array) -> SAC:
+    """A fresh o2o SAC agent with the benchmark's spaces and settings."""
     observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
     action_space = gym.spaces.Box(-1, 1, (ACT_DIM,), np.float32)
-    config = SACConfig(batch_size=BATCH)
+    return SAC.create(key, observation_space, action_space, SACConfig(batch_size=BATCH))
+
+
+def o2o_rates(args: Args) -> list[dict]:
+    """o2o per-call, scan and vmap rates."""
     data = random_transitions(BUFFER)
     rows = []
 
     def measure(mode: str, num_updates: int, num_seeds: int | None) -> None:
         keys = jax.random.split(jax.random.PRNGKey(0), num_seeds or 1)
-        create = lambda key: SAC.create(key, observation_space, action_space, config)
         if num_seeds is None:
-            state = {"agent": create(keys[0])}
+            state = {"agent": benchmark_agent(keys[0])}
             buffer = replay.from_items(data)
         else:
-            state = {"agent": jax.vmap(create)(keys)}
+            state = {"agent": jax.vmap(benchmark_agent)(keys)}
             buffer = jax.vmap(lambda _: replay.from_items(data))(np.arange(num_seeds))
         run = compile_updates(num_updates, vmap_seeds=num_seeds is not None)
         counter = {"calls": 0}
@@ -155,9 +158,7 @@ def plain_jax_rates(args: Args) -> list[dict]:
 
 def update_flops() -> float:
     """FLOPs of one o2o SAC update (sample + critic + actor + temperature), from XLA's cost model."""
-    observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
-    action_space = gym.spaces.Box(-1, 1, (ACT_DIM,), np.float32)
-    agent = SAC.create(jax.random.PRNGKey(0), observation_space, action_space, SACConfig(batch_size=BATCH))
+    agent = benchmark_agent(jax.random.PRNGKey(0))
     buffer = replay.from_items(random_transitions(BATCH))
     compiled = compile_updates(1).lower(agent, buffer, jax.random.PRNGKey(0)).compile()
     analysis = compiled.cost_analysis()

@@ -1,0 +1,215 @@
+"""Where the time of one o2o SAC update goes: XLA ops by kind, and products by operand layout.
+
+Companion to ``experiments/bench_updates.py`` (same workload: observation 17, action 6, 256x256,
+batch 256, 2 critics). Two tables:
+
+1. **Ops of the scanned update.** ``--k`` scanned updates are traced with ``jax.profiler``
+   (Perfetto trace); every traced op is matched to its instruction in the compiled HLO and its
+   time is summed per update under one of four kinds: ``forward product`` (a dot, or a library
+   fusion of one, that is not a gradient), ``gradient product`` (a dot under ``transpose(...)`` in
+   its op name: weight and input gradients), ``random numbers`` (the threefry loops behind
+   sampling and the policy's noise, bodies included) and ``other`` (element-wise and reduction
+   fusions, copies, gathers, the optimiser). Ops run concurrently on the CPU threads and the
+   profiler adds overhead, so the sum is op time, not wall time; both are printed.
+2. **Products in isolation.** The update's products timed alone in the three layouts a dense
+   layer's step uses: forward ``x @ W``, input gradient ``g @ W.T`` and weight gradient
+   ``x.T @ g``. On XLA's CPU backend the weight-gradient layout is slower for the same FLOPs, and
+   for the 6-wide policy head many times slower; that, with the element-wise work, is the gap
+   between ``bench_updates``' arithmetic bound and any JAX SAC update.
+
+    python -m experiments.profile_update
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gzip
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tyro
+
+from experiments.bench_updates import ACT_DIM, BATCH, BUFFER, benchmark_agent, random_transitions
+from rl.data import replay
+from rl.update import compile_updates
+
+KINDS = ("forward product", "gradient product", "random numbers", "other")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\(")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Options of the update profile."""
+
+    k: int = 200
+    """Scanned updates traced."""
+    top: int = 15
+    """Largest ops listed."""
+    repeats: int = 500
+    """Products per timing in the isolated-product table."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    """What the profile needs of one compiled HLO instruction."""
+
+    shape: str
+    opcode: str
+    op_name: str
+    library_fusion: bool
+
+
+def parse_hlo(text: str) -> dict[str, Instruction]:
+    """Instruction name -> shape, opcode, op-name metadata and whether it is an XNNPACK / YNNPACK
+    fusion, from ``Compiled.as_text()``."""
+    instructions = {}
+    for line in text.splitlines():
+        match = _INSTRUCTION.match(line)
+        if match:
+            name, shape, opcode = match.groups()
+            op_name = _OP_NAME.search(line)
+            library = "__ynn_fusion" in line or "__xnn_fusion" in line
+            instructions[name] = Instruction(shape, opcode, op_name.group(1) if op_name else "", library)
+    return instructions
+
+
+def kind_of(instruction: Instruction) -> str:
+    """One of ``KINDS`` for an instruction."""
+    is_product = instruction.opcode == "dot" or (
+        instruction.library_fusion and instruction.op_name.endswith("dot_general"))
+    if is_product:
+        return "gradient product" if "transpose(" in instruction.op_name else "forward product"
+    if instruction.opcode == "while" and re.search(r"_uniform|_randint|threefry", instruction.op_name):
+        return "random numbers"
+    return "other"
+
+
+def outermost_op_times(events: Iterable[dict], instructions: dict[str, Instruction]) -> dict[str, float]:
+    """Total duration (trace units) per HLO op, counting only ops not nested inside another traced
+    op on the same thread, so a loop's body is counted once, as part of the loop."""
+    by_thread = collections.defaultdict(list)
+    for event in events:
+        if event.get("ph") == "X" and event["name"] in instructions:
+            by_thread[(event.get("pid"), event.get("tid"))].append(event)
+    totals: dict[str, float] = collections.defaultdict(float)
+    for thread_events in by_thread.values():
+        open_until = -np.inf
+        for event in sorted(thread_events, key=lambda e: (e["ts"], -e["dur"])):
+            if event["ts"] < open_until:
+                continue
+            totals[event["name"]] += event["dur"]
+            open_until = event["ts"] + event["dur"]
+    return dict(totals)
+
+
+def profile_ops(args: Args) -> tuple[dict[str, float], dict[str, Instruction], float, float]:
+    """Per-update op times (microseconds) of o2o's scanned update, its instructions, and the wall
+    time per update with and without the profiler."""
+    agent, buffer = benchmark_agent(jax.random.PRNGKey(0)), replay.from_items(random_transitions(BUFFER))
+    run = compile_updates(args.k)
+    instructions = parse_hlo(run.lower(agent, buffer, jax.random.PRNGKey(0)).compile().as_text())
+
+    def timed_call(seed: int) -> float:
+        nonlocal agent
+        start = time.perf_counter()
+        agent, metrics = run(agent, buffer, jax.random.PRNGKey(seed))
+        jax.block_until_ready(metrics)
+        return (time.perf_counter() - start) / args.k * 1e6
+
+    timed_call(1)  # compile / warm up
+    plain_wall = min(timed_call(seed) for seed in (2, 3, 4))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            profiled_wall = timed_call(5)
+        trace_file = next(Path(trace_dir).rglob("perfetto_trace.json.gz"))
+        events = json.load(gzip.open(trace_file))["traceEvents"]
+    per_update = {name: total / args.k for name, total in outermost_op_times(events, instructions).items()}
+    return per_update, instructions, plain_wall, profiled_wall
+
+
+def print_op_table(per_update: dict[str, float], instructions: dict[str, Instruction],
+                   plain_wall: float, profiled_wall: float, top: int) -> None:
+    """Op time per kind, wall times, and the largest ops."""
+    by_kind = collections.Counter({kind: 0.0 for kind in KINDS})
+    for name, micros in per_update.items():
+        by_kind[kind_of(instructions[name])] += micros
+    total = sum(by_kind.values())
+    print("\nops of one scanned update (microseconds per update)")
+    print(f"{'kind':18s} {'op time':>9s} {'share':>7s}")
+    for kind in KINDS:
+        print(f"{kind:18s} {by_kind[kind]:9.1f} {100 * by_kind[kind] / total:6.1f}%")
+    print(f"{'all ops':18s} {total:9.1f}")
+    print(f"wall time per update: {profiled_wall:.1f} profiled, {plain_wall:.1f} without the profiler")
+    print(f"\n{'op':32s} {'us':>7s}  {'kind':16s} {'shape':24s} op name")
+    for name, micros in sorted(per_update.items(), key=lambda item: -item[1])[:top]:
+        instruction = instructions[name]
+        op_name = instruction.op_name.removeprefix("jit(run)/while/body/closed_call/")
+        kind = kind_of(instruction)
+        print(f"{name:32s} {micros:7.1f}  {kind:16s} {instruction.shape[:24]:24s} {op_name[-60:]}")
+
+
+def product_time(product: Callable[[jax.Array, jax.Array], jax.Array], lhs: jax.Array, rhs: jax.Array,
+                 repeats: int) -> float:
+    """Microseconds per ``product(lhs, rhs)`` in a jitted loop; each product's input depends on the
+    previous one's output so XLA can neither hoist nor overlap them."""
+
+    def body(_, scale):
+        return 1.0 + product(lhs * scale, rhs).reshape(-1)[0] * 1e-30
+
+    loop = jax.jit(lambda: jax.lax.fori_loop(0, repeats, body, jnp.float32(1.0)))
+    jax.block_until_ready(loop())
+    start = time.perf_counter()
+    jax.block_until_ready(loop())
+    return (time.perf_counter() - start) / repeats * 1e6
+
+
+def product_layout_rows(repeats: int) -> list[tuple[str, float, float, float]]:
+    """(layer, forward, input-gradient, weight-gradient microseconds) for the update's main
+    products: one 256->256 layer, both critics' 256->256 layers at once, and the 256->6 head."""
+    rng = np.random.default_rng(0)
+
+    def normal(*shape: int) -> jax.Array:
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    rows = []
+    for label, critics, width_out in (("256 -> 256", 0, 256), ("2 critics, 256 -> 256", 2, 256),
+                                      ("256 -> 6 (policy head)", 0, ACT_DIM)):
+        lead = (critics,) if critics else ()
+        inputs, grads = normal(*lead, BATCH, 256), normal(*lead, BATCH, width_out)
+        weights = normal(*lead, 256, width_out)
+        times = [product_time(lambda a, b, spec=spec: jnp.einsum(spec, a, b), lhs, rhs, repeats)
+                 for spec, lhs, rhs in (("...bi,...io->...bo", inputs, weights),  # forward
+                                        ("...bo,...io->...bi", grads, weights),  # input gradient
+                                        ("...bi,...bo->...io", inputs, grads))]  # weight gradient
+        rows.append((label, *times))
+    return rows
+
+
+def print_layout_table(rows: list[tuple[str, float, float, float]]) -> None:
+    """The isolated-product table."""
+    print(f"\nproducts alone, batch {BATCH} (microseconds)")
+    print(f"{'layer':24s} {'x @ W':>8s} {'g @ W.T':>8s} {'x.T @ g':>8s}")
+    for label, forward, input_grad, weight_grad in rows:
+        ratio = weight_grad / forward
+        times = f"{forward:8.1f} {input_grad:8.1f} {weight_grad:8.1f}"
+        print(f"{label:24s} {times}  (weight gradient {ratio:.2f}x forward)")
+
+
+def main(args: Args) -> None:
+    """Profile the update and time the products."""
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
+    print_op_table(*profile_ops(args), args.top)
+    print_layout_table(product_layout_rows(args.repeats))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
