@@ -13,9 +13,10 @@ batch 256, 2 critics). Two tables:
    profiler adds overhead, so the sum is op time, not wall time; both are printed.
 2. **Products in isolation.** The update's products timed alone in the three layouts a dense
    layer's step uses: forward ``x @ W``, input gradient ``g @ W.T`` and weight gradient
-   ``x.T @ g``. On XLA's CPU backend the weight-gradient layout is slower for the same FLOPs, and
-   for the 6-wide policy head many times slower; that, with the element-wise work, is the gap
-   between ``bench_updates``' arithmetic bound and any JAX SAC update.
+   ``x.T @ g``, and the weight gradient once more from a transposed copy of ``x``. On XLA's CPU
+   backend the weight-gradient layout is slower for the same FLOPs, and for the 6-wide policy head
+   many times slower; that, with the element-wise work, is the gap between ``bench_updates``'
+   arithmetic bound and any JAX SAC update.
 
     python -m experiments.profile_update
 """
@@ -172,13 +173,27 @@ def product_time(product: Callable[[jax.Array, jax.Array], jax.Array], lhs: jax.
     return (time.perf_counter() - start) / repeats * 1e6
 
 
-def product_layout_rows(repeats: int) -> list[tuple[str, float, float, float]]:
-    """(layer, forward, input-gradient, weight-gradient microseconds) for the update's main
-    products: one 256->256 layer, both critics' 256->256 layers at once, and the 256->6 head."""
+LAYOUTS = ("x @ W", "g @ W.T", "x.T @ g", "copy x.T, @ g")
+"""Column names: forward, input gradient, weight gradient, and the weight gradient computed from a
+transposed copy of the inputs (kept apart from the product by an optimisation barrier)."""
+
+
+def _transposed_copy_product(inputs: jax.Array, grads: jax.Array) -> jax.Array:
+    """``inputs.T @ grads`` with the transpose materialised before the product."""
+    transposed = jax.lax.optimization_barrier(jnp.swapaxes(inputs, -1, -2))
+    return jnp.einsum("...ib,...bo->...io", transposed, grads)
+
+
+def product_layout_rows(repeats: int) -> list[tuple[str, list[float]]]:
+    """(layer, microseconds per ``LAYOUTS`` column) for the update's main products: one 256->256
+    layer, both critics' 256->256 layers at once, and the 256->6 policy head."""
     rng = np.random.default_rng(0)
 
     def normal(*shape: int) -> jax.Array:
         return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    def einsum(spec: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+        return lambda lhs, rhs: jnp.einsum(spec, lhs, rhs)
 
     rows = []
     for label, critics, width_out in (("256 -> 256", 0, 256), ("2 critics, 256 -> 256", 2, 256),
@@ -186,22 +201,21 @@ def product_layout_rows(repeats: int) -> list[tuple[str, float, float, float]]:
         lead = (critics,) if critics else ()
         inputs, grads = normal(*lead, BATCH, 256), normal(*lead, BATCH, width_out)
         weights = normal(*lead, 256, width_out)
-        times = [product_time(lambda a, b, spec=spec: jnp.einsum(spec, a, b), lhs, rhs, repeats)
-                 for spec, lhs, rhs in (("...bi,...io->...bo", inputs, weights),  # forward
-                                        ("...bo,...io->...bi", grads, weights),  # input gradient
-                                        ("...bi,...bo->...io", inputs, grads))]  # weight gradient
-        rows.append((label, *times))
+        cases = ((einsum("...bi,...io->...bo"), inputs, weights),
+                 (einsum("...bo,...io->...bi"), grads, weights),
+                 (einsum("...bi,...bo->...io"), inputs, grads),
+                 (_transposed_copy_product, inputs, grads))
+        rows.append((label, [product_time(product, lhs, rhs, repeats) for product, lhs, rhs in cases]))
     return rows
 
 
-def print_layout_table(rows: list[tuple[str, float, float, float]]) -> None:
-    """The isolated-product table."""
+def print_layout_table(rows: list[tuple[str, list[float]]]) -> None:
+    """The isolated-product table, with the weight gradient's time relative to the forward product."""
     print(f"\nproducts alone, batch {BATCH} (microseconds)")
-    print(f"{'layer':24s} {'x @ W':>8s} {'g @ W.T':>8s} {'x.T @ g':>8s}")
-    for label, forward, input_grad, weight_grad in rows:
-        ratio = weight_grad / forward
-        times = f"{forward:8.1f} {input_grad:8.1f} {weight_grad:8.1f}"
-        print(f"{label:24s} {times}  (weight gradient {ratio:.2f}x forward)")
+    print(f"{'layer':24s}" + "".join(f" {name:>14s}" for name in LAYOUTS))
+    for label, times in rows:
+        cells = "".join(f" {time_:14.1f}" for time_ in times)
+        print(f"{label:24s}{cells}  (weight gradient {times[2] / times[0]:.2f}x forward)")
 
 
 def main(args: Args) -> None:
