@@ -160,7 +160,11 @@ def update_flops() -> float:
     """FLOPs of one o2o SAC update (sample + critic + actor + temperature), from XLA's cost model."""
     agent = benchmark_agent(jax.random.PRNGKey(0))
     buffer = replay.from_items(random_transitions(BATCH))
-    compiled = compile_updates(1).lower(agent, buffer, jax.random.PRNGKey(0)).compile()
+    return compiled_flops(compile_updates(1).lower(agent, buffer, jax.random.PRNGKey(0)).compile())
+
+
+def compiled_flops(compiled: jax.stages.Compiled) -> float:
+    """XLA's FLOP count of a compiled program (older JAX returns the analysis in a list)."""
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     return float(analysis["flops"])
