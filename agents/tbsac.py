@@ -29,7 +29,7 @@ import numpy as np
 
 from agents.sac import SAC, SACConfig
 from rl.loops import OnlineConfig
-from rl.nets import MLP, StateActionValue, ensemble, kernel_init
+from rl.nets import MLP, Dense, StateActionValue, ensemble, kernel_init
 
 TREND_ROWS = 3
 """Rows of the trend stack: previous change, current change, current value."""
@@ -157,8 +157,8 @@ class TrendPolicyHead(nn.Module):
     def __call__(self, observations: jax.Array) -> tuple[jax.Array, jax.Array]:
         features = TrendFeatures(self.channels, self.kernel_widths, self.negative_slope, name="trend")(observations)
         hidden = MLP(self.hidden_dims)(features)
-        mean = nn.Dense(self.action_dim, kernel_init=kernel_init(False))(hidden)
-        log_std = nn.Dense(self.action_dim, kernel_init=kernel_init(False))(hidden)
+        mean = Dense(self.action_dim, kernel_init=kernel_init(False))(hidden)
+        log_std = Dense(self.action_dim, kernel_init=kernel_init(False))(hidden)
         return mean, jnp.clip(log_std, self.log_std_min, self.log_std_max)
 
 

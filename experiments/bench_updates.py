@@ -11,8 +11,10 @@ Besides the libraries, library ``plain-jax`` (mode ``scan``) is the same update 
 ``jax.numpy`` (``experiments/plain_jax_sac.py``): what XLA makes of the arithmetic with no framework
 in between, so o2o's distance to it is the cost of o2o's abstractions.
 
-Each cell is the median of ``--repeats`` timed windows of ``--seconds`` after a compile/warm-up
-call. The same run measures the machine's arithmetic bound for this workload: XLA's FLOP count of
+Every cell is compiled and warmed up first; then ``--repeats`` rounds each time every cell for
+one window of ``--seconds``, in turn, and a cell reports the median of its windows. Interleaving
+the windows means a change in the machine's speed during the run (other jobs, a shared host) hits
+every library alike instead of whichever ran at the time. The same run measures the machine's arithmetic bound for this workload: XLA's FLOP count of
 one o2o update (``cost_analysis`` of the compiled program) divided by the measured throughput of
 256 x 256 by 256 x 256 float32 matrix products, the largest dense product the update contains; it
 is reported as library ``arithmetic-bound`` (mode ``scan``) and every rate's share of it is printed. Peers need the ``bench`` extra (``pip install 'o2o[bench]'``); a missing peer is reported
@@ -54,27 +56,46 @@ class Args:
     """Updates per call in scan and vmap modes."""
     seeds: tuple[int, ...] = (1, 4, 16)
     """Seed counts for the vmap mode."""
-    seconds: float = 5.0
+    seconds: float = 3.0
     """Length of one timed window."""
-    repeats: int = 3
-    """Timed windows per cell (the median is reported)."""
+    repeats: int = 5
+    """Rounds of timed windows, one window per cell each (a cell reports its median)."""
     peers: tuple[str, ...] = ("sbx", "d3rlpy")
     """Peer libraries to measure."""
     out: Path | None = None
     """CSV path to write."""
 
 
-def timed_rate(call: Callable[[], int], seconds: float, repeats: int) -> float:
-    """Median over ``repeats`` windows of (updates done / seconds); ``call`` returns the updates
-    it performed and must block until they are finished."""
-    call()  # compile / warm up
-    rates = []
-    for _ in range(repeats):
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            done += call()
-        rates.append(done / (time.perf_counter() - start))
-    return statistics.median(rates)
+@dataclasses.dataclass
+class Cell:
+    """One row of the table: ``call`` performs some updates (or products), blocks until they are
+    done and returns how many; ``rates`` collects one rate per timed window."""
+
+    library: str
+    mode: str
+    seeds: int
+    call: Callable[[], int]
+    rates: list[float] = dataclasses.field(default_factory=list)
+
+
+def timed_window(call: Callable[[], int], seconds: float) -> float:
+    """Work done per second by repeated ``call``s over one window of at least ``seconds``."""
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        done += call()
+    return done / (time.perf_counter() - start)
+
+
+def measure_interleaved(cells: list[Cell], seconds: float, repeats: int) -> None:
+    """Warm every cell up (compilation included), then ``repeats`` rounds of one window per cell
+    in turn; each cell's ``rates`` gets one entry per round."""
+    for cell in cells:
+        cell.call()
+    for round_index in range(repeats):
+        for cell in cells:
+            cell.rates.append(timed_window(cell.call, seconds))
+        print(f"round {round_index + 1}/{repeats}: " + ", ".join(
+            f"{cell.library} {cell.mode} x{cell.seeds} {cell.rates[-1]:.1f}" for cell in cells), flush=True)
 
 
 def random_transitions(count: int, seed: int = 0) -> Transition:
@@ -97,12 +118,11 @@ def benchmark_agent(key: jax.Array) -> SAC:
     return SAC.create(key, observation_space, action_space, SACConfig(batch_size=BATCH))
 
 
-def o2o_rates(args: Args) -> list[dict]:
-    """o2o per-call, scan and vmap rates."""
+def o2o_cells(args: Args) -> list[Cell]:
+    """o2o per-call, scan and vmap cells."""
     data = random_transitions(BUFFER)
-    rows = []
 
-    def measure(mode: str, num_updates: int, num_seeds: int | None) -> None:
+    def cell(mode: str, num_updates: int, num_seeds: int | None) -> Cell:
         keys = jax.random.split(jax.random.PRNGKey(0), num_seeds or 1)
         if num_seeds is None:
             state = {"agent": benchmark_agent(keys[0])}
@@ -120,15 +140,9 @@ def o2o_rates(args: Args) -> list[dict]:
             jax.block_until_ready(metrics)
             return num_updates * (num_seeds or 1)
 
-        rate = timed_rate(call, args.seconds, args.repeats)
-        rows.append({"library": "o2o", "mode": mode, "seeds": num_seeds or 1, "updates_per_s": rate})
-        print(f"o2o {mode:8s} seeds={num_seeds or 1:3d}: {rate:9.1f} updates/s", flush=True)
+        return Cell("o2o", mode, num_seeds or 1, call)
 
-    measure("per-call", 1, None)
-    measure("scan", args.k, None)
-    for count in args.seeds:
-        measure("vmap", args.k, count)
-    return rows
+    return [cell("per-call", 1, None), cell("scan", args.k, None)] + [cell("vmap", args.k, count) for count in args.seeds]
 
 
 def plain_jax_buffer(count: int, seed: int = 0) -> plain_jax_sac.Buffer:
@@ -138,8 +152,8 @@ def plain_jax_buffer(count: int, seed: int = 0) -> plain_jax_sac.Buffer:
     return plain_jax_sac.Buffer(*(jnp.asarray(column, jnp.float32) for column in columns))
 
 
-def plain_jax_rates(args: Args) -> list[dict]:
-    """The bare-``jax.numpy`` SAC update, ``--k`` steps per scanned call (one row)."""
+def plain_jax_cell(args: Args) -> Cell:
+    """The bare-``jax.numpy`` SAC update, ``--k`` steps per scanned call."""
     buffer = plain_jax_buffer(BUFFER)
     state = {"sac": plain_jax_sac.init_state(jax.random.PRNGKey(0), OBS_DIM, ACT_DIM)}
     run = plain_jax_sac.compile_scan(args.k, BATCH)
@@ -151,9 +165,7 @@ def plain_jax_rates(args: Args) -> list[dict]:
         jax.block_until_ready(losses)
         return args.k
 
-    rate = timed_rate(call, args.seconds, args.repeats)
-    print(f"plain-jax scan   seeds=  1: {rate:9.1f} updates/s", flush=True)
-    return [{"library": "plain-jax", "mode": "scan", "seeds": 1, "updates_per_s": rate}]
+    return Cell("plain-jax", "scan", 1, call)
 
 
 def update_flops() -> float:
@@ -170,8 +182,9 @@ def compiled_flops(compiled: jax.stages.Compiled) -> float:
     return float(analysis["flops"])
 
 
-def dense_flops_per_s(args: Args, width: int = 256, chain: int = 200) -> float:
-    """Measured float32 FLOP/s of chained (BATCH x width) @ (width x width) products in one jitted loop."""
+def dense_product_cell(width: int = 256, chain: int = 200) -> Cell:
+    """Chained (BATCH x width) @ (width x width) float32 products in one jitted loop, the largest
+    dense product the update contains; ``call`` returns the products done (library ``dense``)."""
     product = jax.jit(lambda x, w: jax.lax.fori_loop(0, chain, lambda _, x: (x @ w) * 0.999, x))
     inputs = jnp.ones((BATCH, width), jnp.float32)
     weights = jnp.eye(width, dtype=jnp.float32)
@@ -180,17 +193,15 @@ def dense_flops_per_s(args: Args, width: int = 256, chain: int = 200) -> float:
         jax.block_until_ready(product(inputs, weights))
         return chain
 
-    products_per_s = timed_rate(call, args.seconds, args.repeats)
-    return products_per_s * 2 * BATCH * width * width
+    return Cell("dense", "products", 1, call)
 
 
-def arithmetic_bound(args: Args) -> list[dict]:
-    """Updates/s the machine's dense-product throughput allows for this workload (one row)."""
-    flops = update_flops()
-    flops_per_s = dense_flops_per_s(args)
-    bound = flops_per_s / flops
-    print(f"bound    {flops / 1e6:.0f} MFLOP per update at {flops_per_s / 1e9:.1f} GFLOP/s: {bound:9.1f} updates/s", flush=True)
-    return [{"library": "arithmetic-bound", "mode": "scan", "seeds": 1, "updates_per_s": bound}]
+def arithmetic_bound_row(products: Cell, flops_per_update: float, width: int = 256) -> dict:
+    """Updates/s the machine's measured dense-product throughput allows for this workload."""
+    flops_per_s = statistics.median(products.rates) * 2 * BATCH * width * width
+    bound = flops_per_s / flops_per_update
+    print(f"bound    {flops_per_update / 1e6:.0f} MFLOP per update at {flops_per_s / 1e9:.1f} GFLOP/s: {bound:9.1f} updates/s", flush=True)
+    return {"library": "arithmetic-bound", "mode": "scan", "seeds": 1, "updates_per_s": bound}
 
 
 class _BoxEnv(gym.Env):
@@ -207,7 +218,7 @@ class _BoxEnv(gym.Env):
         return np.zeros(OBS_DIM, np.float32), 0.0, False, False, {}
 
 
-def sbx_rates(args: Args) -> list[dict]:
+def sbx_cells(args: Args) -> list[Cell]:
     """SBX SAC: ``train(gradient_steps=1)`` per call and ``train(gradient_steps=k)``."""
     from sbx import SAC as SBXSAC
 
@@ -224,20 +235,19 @@ def sbx_rates(args: Args) -> list[dict]:
     buffer.rewards[:, 0] = data.rewards
     buffer.dones[:, 0] = data.terminated
     buffer.full = True
-    rows = []
-    for mode, steps in (("per-call", 1), ("scan", args.k)):
-        def call(steps=steps) -> int:
+
+    def cell(mode: str, steps: int) -> Cell:
+        def call() -> int:
             model.train(gradient_steps=steps, batch_size=BATCH)
             jax.block_until_ready(model.policy.qf_state.params)
             return steps
 
-        rate = timed_rate(call, args.seconds, args.repeats)
-        rows.append({"library": "sbx", "mode": mode, "seeds": 1, "updates_per_s": rate})
-        print(f"sbx {mode:8s} seeds=  1: {rate:9.1f} updates/s", flush=True)
-    return rows
+        return Cell("sbx", mode, 1, call)
+
+    return [cell("per-call", 1), cell("scan", args.k)]
 
 
-def d3rlpy_rates(args: Args) -> list[dict]:
+def d3rlpy_cells(args: Args) -> list[Cell]:
     """d3rlpy SAC: one ``update(batch)`` per call (its only mode), CPU torch."""
     import d3rlpy
 
@@ -252,12 +262,10 @@ def d3rlpy_rates(args: Args) -> list[dict]:
         algo.update(dataset.sample_transition_batch(BATCH))
         return 1
 
-    rate = timed_rate(call, args.seconds, args.repeats)
-    print(f"d3rlpy per-call seeds=  1: {rate:9.1f} updates/s", flush=True)
-    return [{"library": "d3rlpy", "mode": "per-call", "seeds": 1, "updates_per_s": rate}]
+    return [Cell("d3rlpy", "per-call", 1, call)]
 
 
-PEERS = {"sbx": sbx_rates, "d3rlpy": d3rlpy_rates}
+PEERS = {"sbx": sbx_cells, "d3rlpy": d3rlpy_cells}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -275,12 +283,18 @@ def print_table(rows: list[dict]) -> None:
 def main(args: Args) -> list[dict]:
     """Measure everything, print the table and write the CSV."""
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
-    rows = arithmetic_bound(args) + plain_jax_rates(args) + o2o_rates(args)
+    products = dense_product_cell()
+    cells = [products, plain_jax_cell(args)] + o2o_cells(args)
     for name in args.peers:
         try:
-            rows += PEERS[name](args)
+            cells += PEERS[name](args)
         except ImportError as error:
             print(f"{name}: not installed ({error}); install the bench extra to measure it")
+    measure_interleaved(cells, args.seconds, args.repeats)
+    rows = [arithmetic_bound_row(products, update_flops())] + [
+        {"library": cell.library, "mode": cell.mode, "seeds": cell.seeds, "updates_per_s": statistics.median(cell.rates)}
+        for cell in cells if cell is not products
+    ]
     print_table(rows)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,10 +13,11 @@ batch 256, 2 critics). Two tables:
    profiler adds overhead, so the sum is op time, not wall time; both are printed.
 2. **Products in isolation.** The update's products timed alone in the three layouts a dense
    layer's step uses: forward ``x @ W``, input gradient ``g @ W.T`` and weight gradient
-   ``x.T @ g``, and the weight gradient once more from a transposed copy of ``x``. On XLA's CPU
-   backend the weight-gradient layout is slower for the same FLOPs, and for the 6-wide policy head
-   many times slower; that, with the element-wise work, is the gap between ``bench_updates``'
-   arithmetic bound and any JAX SAC update.
+   ``x.T @ g`` (autodiff's), and the weight gradient once more as ``rl.nets.dense_product``
+   forms it for a thin layer, ``(g.T @ x).T``. On XLA's CPU backend autodiff's weight-gradient
+   layout is slower for the same FLOPs, and for the 6-wide policy head many times slower; that is
+   why o2o's dense layers carry their own backward pass. What remains slow, with the element-wise
+   work, is the gap between ``bench_updates``' arithmetic bound and any JAX SAC update.
 
     python -m experiments.profile_update
 """
@@ -40,6 +41,7 @@ import tyro
 
 from experiments.bench_updates import ACT_DIM, BATCH, BUFFER, benchmark_agent, random_transitions
 from rl.data import replay
+from rl.nets import dense_product
 from rl.update import compile_updates
 
 KINDS = ("forward product", "gradient product", "random numbers", "other")
@@ -161,11 +163,12 @@ def print_op_table(per_update: dict[str, float], instructions: dict[str, Instruc
 
 def product_time(product: Callable[[jax.Array, jax.Array], jax.Array], lhs: jax.Array, rhs: jax.Array,
                  repeats: int) -> float:
-    """Microseconds per ``product(lhs, rhs)`` in a jitted loop; each product's input depends on the
-    previous one's output so XLA can neither hoist nor overlap them."""
+    """Microseconds per ``product(lhs, rhs)`` in a jitted loop; both operands are rescaled by the
+    previous product's output, so XLA can neither hoist work on either out of the loop nor overlap
+    two products (in an update no operand of a product is loop-invariant either)."""
 
     def body(_, scale):
-        return 1.0 + product(lhs * scale, rhs).reshape(-1)[0] * 1e-30
+        return 1.0 + product(lhs * scale, rhs * scale).reshape(-1)[0] * 1e-30
 
     loop = jax.jit(lambda: jax.lax.fori_loop(0, repeats, body, jnp.float32(1.0)))
     jax.block_until_ready(loop())
@@ -174,15 +177,22 @@ def product_time(product: Callable[[jax.Array, jax.Array], jax.Array], lhs: jax.
     return (time.perf_counter() - start) / repeats * 1e6
 
 
-LAYOUTS = ("x @ W", "g @ W.T", "x.T @ g", "copy x.T, @ g")
-"""Column names: forward, input gradient, weight gradient, and the weight gradient computed from a
-transposed copy of the inputs (kept apart from the product by an optimisation barrier)."""
+LAYOUTS = ("x @ W", "g @ W.T", "x.T @ g", "o2o's dW")
+"""Column names: forward, input gradient, autodiff's weight gradient, and the weight gradient as
+``rl.nets.dense_product`` computes it (``(g.T @ x).T`` for a thin layer)."""
 
 
-def _transposed_copy_product(inputs: jax.Array, grads: jax.Array) -> jax.Array:
-    """``inputs.T @ grads`` with the transpose materialised before the product."""
-    transposed = jax.lax.optimization_barrier(jnp.swapaxes(inputs, -1, -2))
-    return jnp.einsum("...ib,...bo->...io", transposed, grads)
+def _dense_product_weight_gradient(inputs: jax.Array, grads: jax.Array) -> jax.Array:
+    """The weight gradient of ``rl.nets.dense_product`` (its own backward pass, vmapped over any
+    leading ensemble axis as in the critics); for a thin layer that is ``(g.T @ x).T``."""
+
+    def one_layer(layer_inputs: jax.Array, layer_grads: jax.Array) -> jax.Array:
+        kernel = jnp.zeros((layer_inputs.shape[-1], layer_grads.shape[-1]), layer_inputs.dtype)
+        return jax.vjp(lambda weights: dense_product(layer_inputs, weights), kernel)[1](layer_grads)[0]
+
+    for _ in range(inputs.ndim - 2):
+        one_layer = jax.vmap(one_layer)
+    return one_layer(inputs, grads)
 
 
 def product_layout_rows(repeats: int) -> list[tuple[str, list[float]]]:
@@ -205,7 +215,7 @@ def product_layout_rows(repeats: int) -> list[tuple[str, list[float]]]:
         cases = ((einsum("...bi,...io->...bo"), inputs, weights),
                  (einsum("...bo,...io->...bi"), grads, weights),
                  (einsum("...bi,...bo->...io"), inputs, grads),
-                 (_transposed_copy_product, inputs, grads))
+                 (_dense_product_weight_gradient, inputs, grads))
         rows.append((label, [product_time(product, lhs, rhs, repeats) for product, lhs, rhs in cases]))
     return rows
 

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rl.nets import Dense
+
 TerminationFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 """``(observations, actions, next_observations) -> terminated`` (bool, batch shape), raw units."""
 
@@ -143,8 +145,8 @@ class GaussianMLP(nn.Module):
     def __call__(self, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
         x = inputs
         for width in self.hidden_dims:
-            x = nn.swish(nn.Dense(width)(x))
-        out = nn.Dense(2 * self.output_dim)(x)
+            x = nn.swish(Dense(width)(x))
+        out = Dense(2 * self.output_dim)(x)
         mean, logvar = jnp.split(out, 2, axis=-1)
         max_logvar = self.param("max_logvar", nn.initializers.constant(0.5), (self.output_dim,))
         min_logvar = self.param("min_logvar", nn.initializers.constant(-10.0), (self.output_dim,))

@@ -1,11 +1,13 @@
 """The update-throughput benchmark: its arithmetic bound counts the FLOPs of one SAC update
-correctly, and its plain-JAX reference row does the same work as o2o and learns."""
+correctly, its timed windows alternate between cells, and its plain-JAX reference row does the
+same work as o2o and learns."""
 
 import jax
 import numpy as np
 
 from experiments import plain_jax_sac
-from experiments.bench_updates import ACT_DIM, BATCH, OBS_DIM, compiled_flops, plain_jax_buffer, update_flops
+from experiments.bench_updates import (ACT_DIM, BATCH, OBS_DIM, Cell, compiled_flops, measure_interleaved,
+                                       plain_jax_buffer, update_flops)
 
 
 def test_update_flop_count_matches_hand_count_of_dense_products():
@@ -42,3 +44,20 @@ def test_plain_jax_reference_fits_a_fixed_critic_target():
     assert np.isfinite(losses).all()
     assert losses[-20:].mean() < 0.1 * losses[:5].mean()
     assert not np.allclose(np.asarray(state.actor[0]["kernel"]), before)
+
+
+def test_timed_windows_take_turns_so_every_cell_sees_the_same_machine():
+    log = []
+
+    def counting(name: str) -> Cell:
+        def call() -> int:
+            log.append(name)
+            return 1
+
+        return Cell(name, "scan", 1, call)
+
+    cells = [counting("a"), counting("b")]
+    measure_interleaved(cells, seconds=0.01, repeats=3)
+    assert [len(cell.rates) for cell in cells] == [3, 3] and all(rate > 0 for cell in cells for rate in cell.rates)
+    runs = [name for index, name in enumerate(log) if index == 0 or log[index - 1] != name]
+    assert runs == ["a", "b"] + ["a", "b"] * 3  # warm-ups, then one window per cell per round

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from rl.distributions import tanh_gaussian, tanh_gaussian_mode
-from rl.nets import MLP, StateActionValue, ensemble, subset_min
+import flax.linen as nn
+
+from rl.nets import MLP, Dense, StateActionValue, dense_dot_general, dense_product, ensemble, subset_min
 
 
 def test_ensemble_members_have_independent_parameters_on_a_leading_axis():
@@ -55,3 +57,46 @@ def test_tanh_gaussian_log_prob_includes_the_tanh_jacobian():
     expected = jnp.sum(gaussian - jnp.log(1 - action**2))
     np.testing.assert_allclose(log_prob, expected, rtol=1e-3)
     np.testing.assert_allclose(tanh_gaussian_mode(mean), jnp.tanh(mean))
+
+
+@pytest.mark.parametrize("shape_in, width_out", [((64, 256), 6), ((64, 17), 32), ((64, 32), 32), ((3, 8, 20), 4), ((20,), 4)])
+def test_dense_product_gradients_match_autodiff_for_thin_square_wide_and_batched_inputs(shape_in, width_out):
+    rng = np.random.default_rng(0)
+    inputs = jnp.asarray(rng.standard_normal(shape_in), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((shape_in[-1], width_out)), jnp.float32)
+
+    def loss(product):
+        return lambda x, w: jnp.sum(jnp.sin(product(x, w)))
+
+    ours = jax.grad(loss(dense_product), argnums=(0, 1))(inputs, kernel)
+    reference = jax.grad(loss(jnp.matmul), argnums=(0, 1))(inputs, kernel)
+    np.testing.assert_array_equal(dense_product(inputs, kernel), inputs @ kernel)
+    for got, want in zip(ours, reference):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_layer_keeps_flax_parameters_and_outputs_and_vmaps_over_an_ensemble():
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((16, 12)), jnp.float32)
+    params = nn.Dense(3).init(jax.random.PRNGKey(0), x)
+    assert jax.tree.map(jnp.shape, Dense(3).init(jax.random.PRNGKey(0), x)) == jax.tree.map(jnp.shape, params)
+    np.testing.assert_array_equal(Dense(3).apply(params, x), nn.Dense(3).apply(params, x))
+
+    critics = ensemble(StateActionValue, 2)((8,))
+    observations, actions = x[:, :9], x[:, 9:]
+    critic_params = critics.init(jax.random.PRNGKey(1), observations, actions)["params"]
+
+    def action_loss(a):
+        return critics.apply({"params": critic_params}, observations, a).sum()
+
+    grad_actions = jax.grad(action_loss)(actions)
+    members = [jax.tree.map(lambda leaf: leaf[i], critic_params) for i in range(2)]
+    plain = StateActionValue((8,))
+    want = sum(jax.grad(lambda a, p=p: plain.apply({"params": p}, observations, a).sum())(actions) for p in members)
+    np.testing.assert_allclose(grad_actions, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_dot_general_passes_other_contractions_to_lax():
+    lhs, rhs = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
+    batched = (((2,), (1,)), ((0,), (0,)))
+    np.testing.assert_array_equal(dense_dot_general(lhs, rhs, batched), jax.lax.dot_general(lhs, rhs, batched))
