@@ -14,10 +14,13 @@ in between, so o2o's distance to it is the cost of o2o's abstractions.
 Every cell is compiled and warmed up first; then ``--repeats`` rounds each time every cell for
 one window of ``--seconds``, in turn, and a cell reports the median of its windows. Interleaving
 the windows means a change in the machine's speed during the run (other jobs, a shared host) hits
-every library alike instead of whichever ran at the time. The same run measures the machine's arithmetic bound for this workload: XLA's FLOP count of
-one o2o update (``cost_analysis`` of the compiled program) divided by the measured throughput of
+every library alike instead of whichever ran at the time.
+
+The same run measures the machine's arithmetic bound for this workload: XLA's FLOP count of one
+o2o update (``cost_analysis`` of the compiled program) divided by the measured throughput of
 256 x 256 by 256 x 256 float32 matrix products, the largest dense product the update contains; it
-is reported as library ``arithmetic-bound`` (mode ``scan``) and every rate's share of it is printed. Peers need the ``bench`` extra (``pip install 'o2o[bench]'``); a missing peer is reported
+is reported as library ``arithmetic-bound`` (mode ``scan``) and every rate's share of it is
+printed. Peers need the ``bench`` extra (``pip install 'o2o[bench]'``); a missing peer is reported
 and skipped. Output: a table on stdout and a CSV (``--out``) with columns
 ``library,mode,seeds,updates_per_s``.
 

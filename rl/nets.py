@@ -48,8 +48,9 @@ def _dense_product_backward(residuals: tuple[jax.Array, jax.Array], grads: jax.A
 dense_product.defvjp(_dense_product_forward, _dense_product_backward)
 
 
-def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
-                      preferred_element_type=None) -> jax.Array:
+def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: jax.lax.DotDimensionNumbers,
+                      precision: jax.lax.PrecisionLike = None, preferred_element_type: jnp.dtype | None = None
+                      ) -> jax.Array:
     """A ``dot_general`` for ``nn.Dense`` that routes its product through ``dense_product``
     (any other contraction, precision or output type goes to ``lax.dot_general`` unchanged)."""
     if dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2 and precision is None \
