@@ -98,7 +98,7 @@ def measure_interleaved(cells: list[Cell], seconds: float, repeats: int) -> None
         for cell in cells:
             cell.rates.append(timed_window(cell.call, seconds))
         print(f"round {round_index + 1}/{repeats}: " + ", ".join(
-            f"{cell.library} {cell.mode} x{cell.seeds} {cell.rates[-1]:.1f}" for cell in cells), flush=True)
+            f"{cell.library} {cell.mode} x{cell.seeds} {cell.rates[-1]:.5g}" for cell in cells), flush=True)
 
 
 def random_transitions(count: int, seed: int = 0) -> Transition:
@@ -187,21 +187,21 @@ def compiled_flops(compiled: jax.stages.Compiled) -> float:
 
 def dense_product_cell(width: int = 256, chain: int = 200) -> Cell:
     """Chained (BATCH x width) @ (width x width) float32 products in one jitted loop, the largest
-    dense product the update contains; ``call`` returns the products done (library ``dense``)."""
+    dense product the update contains; ``call`` returns the FLOPs done (library ``dense``)."""
     product = jax.jit(lambda x, w: jax.lax.fori_loop(0, chain, lambda _, x: (x @ w) * 0.999, x))
     inputs = jnp.ones((BATCH, width), jnp.float32)
     weights = jnp.eye(width, dtype=jnp.float32)
 
     def call() -> int:
         jax.block_until_ready(product(inputs, weights))
-        return chain
+        return chain * 2 * BATCH * width * width
 
-    return Cell("dense", "products", 1, call)
+    return Cell("dense", "flops", 1, call)
 
 
-def arithmetic_bound_row(products: Cell, flops_per_update: float, width: int = 256) -> dict:
-    """Updates/s the machine's measured dense-product throughput allows for this workload."""
-    flops_per_s = statistics.median(products.rates) * 2 * BATCH * width * width
+def arithmetic_bound_row(products: Cell, flops_per_update: float) -> dict:
+    """Updates/s the machine's measured dense-product FLOP rate allows for this workload."""
+    flops_per_s = statistics.median(products.rates)
     bound = flops_per_s / flops_per_update
     print(f"bound    {flops_per_update / 1e6:.0f} MFLOP per update at {flops_per_s / 1e9:.1f} GFLOP/s: {bound:9.1f} updates/s", flush=True)
     return {"library": "arithmetic-bound", "mode": "scan", "seeds": 1, "updates_per_s": bound}
