@@ -28,7 +28,7 @@ from rl.data import replay
 from rl.evaluation import episode_seed, run_episodes
 from rl.logging import Progress, RunLogger
 from rl.types import Transition, transition_like
-from rl.update import scan_updates
+from rl.update import scan_updates, seed_vmap
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1
 
@@ -245,7 +245,7 @@ def train_online(
     random_fn = jax.jit(jax.vmap(random_actions, in_axes=(0, None)))
     policy_fn = jax.jit(jax.vmap(policy_actions, in_axes=(0, 0, 0, None)))
     add_fn = jax.jit(jax.vmap(replay.add_one), donate_argnums=0)
-    train_fn = jax.jit(jax.vmap(add_and_update, in_axes=(0, 0, 0, 0, None, None)), donate_argnums=(0, 1))
+    train_fn = jax.jit(seed_vmap(add_and_update, in_axes=(0, 0, 0, 0, None, None)), donate_argnums=(0, 1))
     offline = offline_source if offline_ratio > 0 else None
 
     checkpointer = Checkpointer(run_dir / "checkpoints")

@@ -9,7 +9,7 @@ import pytest
 from agents.sac import SAC, SACConfig
 from rl.data import replay
 from rl.types import Transition
-from rl.update import compile_updates, scan_updates, stack_seeds, unstack_seed
+from rl.update import compile_updates, scan_updates, seed_vmap, stack_seeds, unstack_seed
 
 OBS = gym.spaces.Box(-np.inf, np.inf, (5,), np.float32)
 ACT = gym.spaces.Box(-1, 1, (2,), np.float32)
@@ -149,3 +149,25 @@ def test_compiled_updates_vmap_over_seeds_and_donate_the_agent():
     assert metrics["critic_loss"].shape == (2,)
     assert updated.critic.step.tolist() == [5, 5]
     assert jax.tree.leaves(agents)[0].is_deleted()
+
+
+def test_one_seed_runs_unbatched_with_the_seed_axis_kept_on_every_output():
+    agents = stack_seeds([make(0)])
+    buffers = stack_seeds([replay.from_items(random_batch(100, 0))])
+    keys = jax.random.split(jax.random.PRNGKey(0), 1)
+    run = compile_updates(5, vmap_seeds=True)
+    batched_inside = []
+
+    def probe(x):
+        batched_inside.append(isinstance(x, jax.core.Tracer))
+        return x * 2
+
+    assert seed_vmap(probe, (0,))(np.ones((1, 3))).shape == (1, 3)
+    assert seed_vmap(probe, (0,))(np.ones((2, 3))).shape == (2, 3)
+    assert batched_inside == [False, True]  # one seed: no vmap; two: vmapped
+    vmapped = jax.jit(jax.vmap(lambda a, b, k: scan_updates(a, b, k, 5)))(agents, buffers, keys)
+    updated, metrics = run(agents, buffers, keys)
+    assert metrics["critic_loss"].shape == (1,) and updated.critic.step.tolist() == [5]
+    for x, y in zip(jax.tree.leaves((updated, metrics)), jax.tree.leaves(vmapped)):
+        assert x.shape == y.shape
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
