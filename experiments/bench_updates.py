@@ -20,7 +20,11 @@ The same run measures the machine's arithmetic bound for this workload: XLA's FL
 o2o update (``cost_analysis`` of the compiled program) divided by the measured throughput of
 256 x 256 by 256 x 256 float32 matrix products, the largest dense product the update contains; it
 is reported as library ``arithmetic-bound`` (mode ``scan``) and every rate's share of it is
-printed. Peers need the ``bench`` extra (``pip install 'o2o[bench]'``); a missing peer is reported
+printed. Library ``products-only`` (mode ``scan``) runs the update's matrix products alone:
+every ``dot`` of o2o's compiled update, in order, on fixed operands as in the bound's product
+loop, with nothing else. It is the rate any implementation of this update could reach on XLA's
+CPU products if all other work were free, so a target above it cannot be met on XLA's CPU
+backend. Peers need the ``bench`` extra (``pip install 'o2o[bench]'``); a missing peer is reported
 and skipped. Output: a table on stdout and a CSV (``--out``) with columns
 ``library,mode,seeds,updates_per_s``.
 
@@ -31,6 +35,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
+import re
 import statistics
 import time
 from pathlib import Path
@@ -171,11 +177,16 @@ def plain_jax_cell(args: Args) -> Cell:
     return Cell("plain-jax", "scan", 1, call)
 
 
-def update_flops() -> float:
-    """FLOPs of one o2o SAC update (sample + critic + actor + temperature), from XLA's cost model."""
+def compiled_update() -> jax.stages.Compiled:
+    """One o2o SAC update (sample + critic + actor + temperature) as XLA compiles it."""
     agent = benchmark_agent(jax.random.PRNGKey(0))
     buffer = replay.from_items(random_transitions(BATCH))
-    return compiled_flops(compile_updates(1).lower(agent, buffer, jax.random.PRNGKey(0)).compile())
+    return compile_updates(1).lower(agent, buffer, jax.random.PRNGKey(0)).compile()
+
+
+def update_flops() -> float:
+    """FLOPs of one o2o SAC update, from XLA's cost model."""
+    return compiled_flops(compiled_update())
 
 
 def compiled_flops(compiled: jax.stages.Compiled) -> float:
@@ -197,6 +208,73 @@ def dense_product_cell(width: int = 256, chain: int = 200) -> Cell:
         return chain * 2 * BATCH * width * width
 
     return Cell("dense", "flops", 1, call)
+
+
+@dataclasses.dataclass(frozen=True)
+class Product:
+    """One matrix product of a compiled program: its operands' shapes and dimension numbers."""
+
+    lhs_shape: tuple[int, ...]
+    rhs_shape: tuple[int, ...]
+    dimension_numbers: tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]
+
+    @property
+    def flops(self) -> int:
+        """Multiply-adds times two: every lhs element meets every free rhs column once."""
+        (_, rhs_contracting), (_, rhs_batch) = self.dimension_numbers
+        rhs_free = [size for axis, size in enumerate(self.rhs_shape) if axis not in rhs_contracting + rhs_batch]
+        return 2 * math.prod(self.lhs_shape) * math.prod(rhs_free)
+
+
+def _hlo_dims(line: str, attribute: str) -> tuple[int, ...]:
+    match = re.search(attribute + r"=\{([\d,]*)\}", line)
+    return tuple(int(d) for d in match.group(1).split(",") if d) if match else ()
+
+
+def compiled_products(compiled: jax.stages.Compiled) -> list[Product]:
+    """Every ``dot`` of a compiled program's optimised HLO (products XLA removed as dead are not
+    there), in program order. HLO text names an operand without its shape, so shapes are looked
+    up from the operand's definition (instruction names are unique within a module)."""
+    text = compiled.as_text()
+    shapes = {m.group(1): tuple(int(d) for d in m.group(2).split(",") if d)
+              for m in re.finditer(r"%?([\w.\-]+) = \w+\[([\d,]*)\]", text)}
+    products = []
+    for line in text.splitlines():
+        match = re.search(r" dot\(%?([\w.\-]+), %?([\w.\-]+)\)", line)
+        if match:
+            contracting = (_hlo_dims(line, "lhs_contracting_dims"), _hlo_dims(line, "rhs_contracting_dims"))
+            batch = (_hlo_dims(line, "lhs_batch_dims"), _hlo_dims(line, "rhs_batch_dims"))
+            products.append(Product(shapes[match.group(1)], shapes[match.group(2)], (contracting, batch)))
+    return products
+
+
+def products_only_cell(args: Args) -> Cell:
+    """The update's matrix products and nothing else: every ``dot`` of o2o's compiled update,
+    one after another on fixed random operands as in the bound's product loop, ``--k`` updates'
+    worth per call (library ``products-only``). Its rate is what any implementation of this update
+    on XLA's CPU products could reach if sampling, element-wise work, optimisers and copies were
+    free. An optimisation barrier keeps XLA from hoisting the fixed products out of the loop; a
+    scalar carried from each product into the next keeps them in order."""
+    products = compiled_products(compiled_update())
+    if not products:
+        raise RuntimeError("found no dot in the compiled update's HLO text; has XLA's text format changed?")
+    rng = np.random.default_rng(0)
+    operands = [(jnp.asarray(rng.standard_normal(p.lhs_shape), jnp.float32), jnp.asarray(rng.standard_normal(p.rhs_shape), jnp.float32))
+                for p in products]
+
+    def one_update(_, carry: jax.Array) -> jax.Array:
+        for product, (lhs, rhs) in zip(products, operands):
+            lhs, rhs, _ = jax.lax.optimization_barrier((lhs, rhs, carry))
+            carry = carry + jax.lax.dot_general(lhs, rhs, product.dimension_numbers).reshape(-1)[0] * 1e-30
+        return carry
+
+    run = jax.jit(lambda: jax.lax.fori_loop(0, args.k, one_update, jnp.float32(1.0)))
+
+    def call() -> int:
+        jax.block_until_ready(run())
+        return args.k
+
+    return Cell("products-only", "scan", 1, call)
 
 
 def arithmetic_bound_row(products: Cell, flops_per_update: float) -> dict:
@@ -287,7 +365,7 @@ def main(args: Args) -> list[dict]:
     """Measure everything, print the table and write the CSV."""
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
     products = dense_product_cell()
-    cells = [products, plain_jax_cell(args)] + o2o_cells(args)
+    cells = [products, products_only_cell(args), plain_jax_cell(args)] + o2o_cells(args)
     for name in args.peers:
         try:
             cells += PEERS[name](args)
