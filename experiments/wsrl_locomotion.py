@@ -54,11 +54,14 @@ runs from their last checkpoint and reuses finished ones.
 
 from __future__ import annotations
 
+import ast
 import csv
 import dataclasses
+import inspect
 import json
 import math
 import shutil
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -533,15 +536,16 @@ def markdown_report(
 
 
 def _field_docs() -> list[str]:
-    return [
-        "hidden width of both layers (actor and critics)", "critic ensemble size", "transitions per critic step",
-        "online critic UTD (WSRL, RLPD, SAC)", "online UTD of CQL fine-tuning", "offline CQL steps",
-        "CQL sampled actions per kind", "max-target backup actions", "K warm-up steps", "online steps (warm-up included)",
-        "evaluation interval", "evaluation episodes per seed", "online checkpoint interval",
-        "pre-training temperature learning rate (None: the spec's 1e-4)",
-        "training reward multiplier of every method (initial temperature and alpha_cql scaled with it; reported returns unscaled)",
-        "transitions per online critic step of every method (None: batch_size)",
-    ]
+    """Each ``Scale`` field's attribute docstring on one line, in field order, read from the class's
+    source so the report cannot drift from the class. Hand-written with ``ast`` because tyro, which
+    reads the same docstrings for ``--help``, keeps its reader private."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(Scale))).body[0].body
+    docs = {
+        node.target.id: " ".join(following.value.value.split())
+        for node, following in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+    }
+    return [docs[field.name] for field in dataclasses.fields(Scale)]
 
 
 # ----------------------------------------------------------------------------- main

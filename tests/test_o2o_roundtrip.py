@@ -208,7 +208,10 @@ def test_wsrl_locomotion_online_batch_applies_to_every_online_method_not_pretrai
     assert pretrain.sac.batch_size == 128
     assert online.batch_size == rlpd.batch_size == 256
     assert dataclasses.replace(scale, online_batch_size=None).online_batch == 128
-    assert len(wl._field_docs()) == len(dataclasses.fields(wl.Scale))  # every setting is documented in the report
+    docs = dict(zip([field.name for field in dataclasses.fields(wl.Scale)], wl._field_docs()))  # the report's settings lines
+    assert docs["hidden"] == "Width of both hidden layers of actor and critics."
+    assert docs["reward_scale"].startswith("Training reward multiplier (dataset and training env, every method); the initial")
+    assert all(docs.values())
 
 
 def test_wsrl_locomotion_dip_check_passes_misses_and_does_not_apply_to_non_positive_starts():
