@@ -22,9 +22,9 @@ o2o update (``cost_analysis`` of the compiled program) divided by the measured t
 is reported as library ``arithmetic-bound`` (mode ``scan``) and every rate's share of it is
 printed. Library ``products-only`` (mode ``scan``) runs the update's matrix products alone:
 every ``dot`` of o2o's compiled update, in order, on fixed operands as in the bound's product
-loop, with nothing else. It is the rate any implementation of this update could reach on XLA's
-CPU products if all other work were free, so a target above it cannot be met on XLA's CPU
-backend. Peers need the ``bench`` extra (``pip install 'o2o[bench]'``); a missing peer is reported
+loop, with nothing else. It is the rate any implementation of these products could reach on
+XLA's CPU backend if all other work were free: a target above it needs faster products or fewer
+of them. Peers need the ``bench`` extra (``pip install 'o2o[bench]'``); a missing peer is reported
 and skipped. Output: a table on stdout and a CSV (``--out``) with columns
 ``library,mode,seeds,updates_per_s``.
 
