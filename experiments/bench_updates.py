@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import math
-import re
 import statistics
 import time
 from pathlib import Path
@@ -50,6 +48,7 @@ import tyro
 
 from agents.sac import SAC, SACConfig
 from experiments import plain_jax_sac
+from experiments.hlo import compiled_products
 from rl.data import replay
 from rl.types import Transition
 from rl.update import compile_updates
@@ -208,44 +207,6 @@ def dense_product_cell(width: int = 256, chain: int = 200) -> Cell:
         return chain * 2 * BATCH * width * width
 
     return Cell("dense", "flops", 1, call)
-
-
-@dataclasses.dataclass(frozen=True)
-class Product:
-    """One matrix product of a compiled program: its operands' shapes and dimension numbers."""
-
-    lhs_shape: tuple[int, ...]
-    rhs_shape: tuple[int, ...]
-    dimension_numbers: tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]
-
-    @property
-    def flops(self) -> int:
-        """Multiply-adds times two: every lhs element meets every free rhs column once."""
-        (_, rhs_contracting), (_, rhs_batch) = self.dimension_numbers
-        rhs_free = [size for axis, size in enumerate(self.rhs_shape) if axis not in rhs_contracting + rhs_batch]
-        return 2 * math.prod(self.lhs_shape) * math.prod(rhs_free)
-
-
-def _hlo_dims(line: str, attribute: str) -> tuple[int, ...]:
-    match = re.search(attribute + r"=\{([\d,]*)\}", line)
-    return tuple(int(d) for d in match.group(1).split(",") if d) if match else ()
-
-
-def compiled_products(compiled: jax.stages.Compiled) -> list[Product]:
-    """Every ``dot`` of a compiled program's optimised HLO (products XLA removed as dead are not
-    there), in program order. HLO text names an operand without its shape, so shapes are looked
-    up from the operand's definition (instruction names are unique within a module)."""
-    text = compiled.as_text()
-    shapes = {m.group(1): tuple(int(d) for d in m.group(2).split(",") if d)
-              for m in re.finditer(r"%?([\w.\-]+) = \w+\[([\d,]*)\]", text)}
-    products = []
-    for line in text.splitlines():
-        match = re.search(r" dot\(%?([\w.\-]+), %?([\w.\-]+)\)", line)
-        if match:
-            contracting = (_hlo_dims(line, "lhs_contracting_dims"), _hlo_dims(line, "rhs_contracting_dims"))
-            batch = (_hlo_dims(line, "lhs_batch_dims"), _hlo_dims(line, "rhs_batch_dims"))
-            products.append(Product(shapes[match.group(1)], shapes[match.group(2)], (contracting, batch)))
-    return products
 
 
 def products_only_cell(args: Args) -> Cell:

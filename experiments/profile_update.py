@@ -40,13 +40,12 @@ import numpy as np
 import tyro
 
 from experiments.bench_updates import ACT_DIM, BATCH, BUFFER, benchmark_agent, random_transitions
+from experiments.hlo import Instruction, parse_hlo
 from rl.data import replay
 from rl.nets import dense_product
 from rl.update import compile_updates
 
 KINDS = ("forward product", "gradient product", "random numbers", "other")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\(")
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,30 +58,6 @@ class Args:
     """Largest ops listed."""
     repeats: int = 500
     """Products per timing in the isolated-product table."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Instruction:
-    """What the profile needs of one compiled HLO instruction."""
-
-    shape: str
-    opcode: str
-    op_name: str
-    library_fusion: bool
-
-
-def parse_hlo(text: str) -> dict[str, Instruction]:
-    """Instruction name -> shape, opcode, op-name metadata and whether it is an XNNPACK / YNNPACK
-    fusion, from ``Compiled.as_text()``."""
-    instructions = {}
-    for line in text.splitlines():
-        match = _INSTRUCTION.match(line)
-        if match:
-            name, shape, opcode = match.groups()
-            op_name = _OP_NAME.search(line)
-            library = "__ynn_fusion" in line or "__xnn_fusion" in line
-            instructions[name] = Instruction(shape, opcode, op_name.group(1) if op_name else "", library)
-    return instructions
 
 
 def kind_of(instruction: Instruction) -> str:

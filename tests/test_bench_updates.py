@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import plain_jax_sac
-from experiments.bench_updates import (ACT_DIM, BATCH, OBS_DIM, Args, Cell, compiled_flops, compiled_products,
-                                       compiled_update, measure_interleaved, plain_jax_buffer, products_only_cell,
-                                       update_flops)
+from experiments.bench_updates import (ACT_DIM, BATCH, OBS_DIM, Args, Cell, compiled_flops, compiled_update,
+                                       measure_interleaved, plain_jax_buffer, products_only_cell, update_flops)
+from experiments.hlo import compiled_products
 
 
 def test_update_flop_count_matches_hand_count_of_dense_products():
