@@ -92,8 +92,10 @@ def compiled_products(compiled: jax.stages.Compiled) -> list[Product]:
     """Every ``dot`` of a compiled program, in program order (products XLA removed as dead are not
     in the optimised program)."""
     instructions = parse_hlo(compiled.as_text())
-    return [
-        Product(array_dims(instructions[lhs].shape), array_dims(instructions[rhs].shape), instruction.dimension_numbers)
-        for instruction in instructions.values() if instruction.opcode == "dot"
-        for lhs, rhs in [instruction.operands]
-    ]
+    products = []
+    for instruction in instructions.values():
+        if instruction.opcode == "dot":
+            lhs, rhs = instruction.operands
+            shapes = array_dims(instructions[lhs].shape), array_dims(instructions[rhs].shape)
+            products.append(Product(*shapes, instruction.dimension_numbers))
+    return products
