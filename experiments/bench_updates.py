@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import statistics
 import time
 from pathlib import Path
@@ -176,8 +177,10 @@ def plain_jax_cell(args: Args) -> Cell:
     return Cell("plain-jax", "scan", 1, call)
 
 
+@functools.cache
 def compiled_update() -> jax.stages.Compiled:
-    """One o2o SAC update (sample + critic + actor + temperature) as XLA compiles it."""
+    """One o2o SAC update (sample + critic + actor + temperature) as XLA compiles it; compiled once
+    per process (the FLOP count and the products-only row both read it)."""
     agent = benchmark_agent(jax.random.PRNGKey(0))
     buffer = replay.from_items(random_transitions(BATCH))
     return compile_updates(1).lower(agent, buffer, jax.random.PRNGKey(0)).compile()
@@ -212,9 +215,9 @@ def dense_product_cell(width: int = 256, chain: int = 200) -> Cell:
 def products_only_cell(args: Args) -> Cell:
     """The update's matrix products and nothing else: every ``dot`` of o2o's compiled update,
     one after another on fixed random operands as in the bound's product loop, ``--k`` updates'
-    worth per call (library ``products-only``). Its rate is what any implementation of this update
-    on XLA's CPU products could reach if sampling, element-wise work, optimisers and copies were
-    free. An optimisation barrier keeps XLA from hoisting the fixed products out of the loop; a
+    worth per call (library ``products-only``). Its rate is what any implementation of these
+    products could reach on XLA's CPU backend if sampling, element-wise work, optimisers and copies
+    were free. An optimisation barrier keeps XLA from hoisting the fixed products out of the loop; a
     scalar carried from each product into the next keeps them in order."""
     products = compiled_products(compiled_update())
     if not products:
