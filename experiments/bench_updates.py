@@ -11,6 +11,11 @@ Besides the libraries, library ``plain-jax`` (mode ``scan``) is the same update 
 ``jax.numpy`` (``experiments/plain_jax_sac.py``): what XLA makes of the arithmetic with no framework
 in between, so o2o's distance to it is the cost of o2o's abstractions.
 
+o2o compiles JAX's threefry random-number hash unrolled on the CPU (``rl.prng``); the peers and
+the bare-JAX reference are compiled with JAX's default rolled loop, as their users get them, and
+library ``o2o-rolled-threefry`` (mode ``scan``) is o2o's scanned update compiled that way too, so
+the run measures what the lowering alone is worth.
+
 Every cell is compiled and warmed up first; then ``--repeats`` rounds each time every cell for
 one window of ``--seconds``, in turn, and a cell reports the median of its windows. Interleaving
 the windows means a change in the machine's speed during the run (other jobs, a shared host) hits
@@ -51,6 +56,7 @@ from agents.sac import SAC, SACConfig
 from experiments import plain_jax_sac
 from experiments.hlo import compiled_products
 from rl.data import replay
+from rl.prng import threefry_lowering
 from rl.types import Transition
 from rl.update import compile_updates
 
@@ -127,31 +133,42 @@ def benchmark_agent(key: jax.Array) -> SAC:
     return SAC.create(key, observation_space, action_space, SACConfig(batch_size=BATCH))
 
 
+def o2o_cell(data: Transition, mode: str, num_updates: int, num_seeds: int | None, library: str = "o2o") -> Cell:
+    """o2o's SAC update, ``num_updates`` per call, unbatched (``num_seeds`` None) or vmapped."""
+    keys = jax.random.split(jax.random.PRNGKey(0), num_seeds or 1)
+    if num_seeds is None:
+        state = {"agent": benchmark_agent(keys[0])}
+        buffer = replay.from_items(data)
+    else:
+        state = {"agent": jax.vmap(benchmark_agent)(keys)}
+        buffer = jax.vmap(lambda _: replay.from_items(data))(np.arange(num_seeds))
+    run = compile_updates(num_updates, vmap_seeds=num_seeds is not None)
+    counter = {"calls": 0}
+
+    def call() -> int:
+        counter["calls"] += 1
+        key = jax.random.split(jax.random.PRNGKey(counter["calls"]), num_seeds) if num_seeds else jax.random.PRNGKey(counter["calls"])
+        state["agent"], metrics = run(state["agent"], buffer, key)
+        jax.block_until_ready(metrics)
+        return num_updates * (num_seeds or 1)
+
+    return Cell(library, mode, num_seeds or 1, call)
+
+
 def o2o_cells(args: Args) -> list[Cell]:
     """o2o per-call, scan and vmap cells."""
     data = random_transitions(BUFFER)
+    return [o2o_cell(data, "per-call", 1, None), o2o_cell(data, "scan", args.k, None)] + [
+        o2o_cell(data, "vmap", args.k, count) for count in args.seeds
+    ]
 
-    def cell(mode: str, num_updates: int, num_seeds: int | None) -> Cell:
-        keys = jax.random.split(jax.random.PRNGKey(0), num_seeds or 1)
-        if num_seeds is None:
-            state = {"agent": benchmark_agent(keys[0])}
-            buffer = replay.from_items(data)
-        else:
-            state = {"agent": jax.vmap(benchmark_agent)(keys)}
-            buffer = jax.vmap(lambda _: replay.from_items(data))(np.arange(num_seeds))
-        run = compile_updates(num_updates, vmap_seeds=num_seeds is not None)
-        counter = {"calls": 0}
 
-        def call() -> int:
-            counter["calls"] += 1
-            key = jax.random.split(jax.random.PRNGKey(counter["calls"]), num_seeds) if num_seeds else jax.random.PRNGKey(counter["calls"])
-            state["agent"], metrics = run(state["agent"], buffer, key)
-            jax.block_until_ready(metrics)
-            return num_updates * (num_seeds or 1)
-
-        return Cell("o2o", mode, num_seeds or 1, call)
-
-    return [cell("per-call", 1, None), cell("scan", args.k, None)] + [cell("vmap", args.k, count) for count in args.seeds]
+def with_jax_default_threefry(cells: list[Cell]) -> list[Cell]:
+    """``cells`` compiled (by one call each) under JAX's default rolled threefry lowering."""
+    with threefry_lowering(unrolled=False):
+        for cell in cells:
+            cell.call()
+    return cells
 
 
 def plain_jax_buffer(count: int, seed: int = 0) -> plain_jax_sac.Buffer:
@@ -329,10 +346,11 @@ def main(args: Args) -> list[dict]:
     """Measure everything, print the table and write the CSV."""
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
     products = dense_product_cell()
-    cells = [products, products_only_cell(args), plain_jax_cell(args)] + o2o_cells(args)
+    rolled = o2o_cell(random_transitions(BUFFER), "scan", args.k, None, library="o2o-rolled-threefry")
+    cells = [products, products_only_cell(args)] + with_jax_default_threefry([plain_jax_cell(args), rolled]) + o2o_cells(args)
     for name in args.peers:
         try:
-            cells += PEERS[name](args)
+            cells += with_jax_default_threefry(PEERS[name](args))
         except ImportError as error:
             print(f"{name}: not installed ({error}); install the bench extra to measure it")
     measure_interleaved(cells, args.seconds, args.repeats)

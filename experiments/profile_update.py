@@ -7,10 +7,11 @@ batch 256, 2 critics). Two tables:
    (Perfetto trace); every traced op is matched to its instruction in the compiled HLO and its
    time is summed per update under one of four kinds: ``forward product`` (a dot, or a library
    fusion of one, that is not a gradient), ``gradient product`` (a dot under ``transpose(...)`` in
-   its op name: weight and input gradients), ``random numbers`` (the threefry loops behind
-   sampling and the policy's noise, bodies included) and ``other`` (element-wise and reduction
-   fusions, copies, gathers, the optimiser). Ops run concurrently on the CPU threads and the
-   profiler adds overhead, so the sum is op time, not wall time; both are printed.
+   its op name: weight and input gradients), ``random numbers`` (threefry hashing and the
+   conversion of its bits, for sampling and the policy's noise: fused ops, or whole loops under
+   JAX's default rolled CPU lowering) and ``other`` (element-wise and reduction fusions, copies,
+   gathers, the optimiser). Ops run concurrently on the CPU threads and the profiler adds
+   overhead, so the sum is op time, not wall time; both are printed.
 2. **Products in isolation.** The update's products timed alone in the three layouts a dense
    layer's step uses: forward ``x @ W``, input gradient ``g @ W.T`` and weight gradient
    ``x.T @ g`` (autodiff's), and the weight gradient once more as ``rl.nets.dense_product``
@@ -66,7 +67,7 @@ def kind_of(instruction: Instruction) -> str:
         instruction.library_fusion and instruction.op_name.endswith("dot_general"))
     if is_product:
         return "gradient product" if "transpose(" in instruction.op_name else "forward product"
-    if instruction.opcode == "while" and re.search(r"_uniform|_randint|threefry", instruction.op_name):
+    if re.search(r"threefry|_uniform|_randint|_normal", instruction.op_name):
         return "random numbers"
     return "other"
 

@@ -1,0 +1,70 @@
+"""How JAX's threefry random-number hash is compiled for the CPU.
+
+JAX lowers its threefry-2x32 hash (every ``jax.random`` draw, split and fold-in with the default
+key type) to XLA as a rolled loop of its five four-round blocks on the CPU, and unrolled on
+every other platform. Inside a jitted SAC update the rolled loops run as several small XLA
+``while`` loops per update whose per-iteration overhead costs more than the hash itself:
+``experiments/results/README.md`` measures o2o's scanned update 4-5 % faster with the unrolled
+form, with no longer compile time. Both forms compute the same bits, so random streams (and every
+result that depends only on them) are unchanged; what can change is XLA's fusion of the ops that
+consume the bits, hence float rounding in the last place.
+
+Importing ``rl`` switches the CPU lowering to JAX's own unrolled rule (``use_unrolled_threefry``);
+call it with ``False``, or use ``threefry_lowering(unrolled=False)`` around the first call of a
+jitted function, to get JAX's default back. Only functions compiled afterwards are affected.
+
+Why this reaches into JAX's private ``jax._src.random.threefry2x32``: JAX exposes the primitive
+(``jax.extend.random.threefry2x32_p``) and lowering registration (``jax.interpreters.mlir``) but
+not its two lowering rules, and re-implementing the hash would duplicate cryptographic code that
+must match JAX bit for bit. If a JAX version no longer has the rules under these names, nothing is
+changed and ``use_unrolled_threefry`` returns ``False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+from jax.extend.random import threefry2x32_p
+from jax.interpreters import mlir
+
+_state = {"unrolled": False}
+
+
+def _jax_rules() -> tuple[Callable, Callable] | None:
+    """JAX's (rolled CPU, unrolled) threefry lowering rules, or ``None`` if not found."""
+    try:
+        from jax._src.random import threefry2x32 as module
+    except ImportError:
+        return None
+    rolled = getattr(module, "_threefry2x32_cpu_lowering_rule", None)
+    unrolled = getattr(module, "_threefry2x32_lowering_rule", None)
+    return (rolled, unrolled) if callable(rolled) and callable(unrolled) else None
+
+
+def use_unrolled_threefry(unrolled: bool = True) -> bool:
+    """Lower threefry unrolled (``True``) or as JAX's default rolled loop (``False``) in CPU
+    programs compiled from now on. Returns whether the requested lowering is in place."""
+    rules = _jax_rules()
+    if rules is None:
+        return not unrolled
+    mlir.register_lowering(threefry2x32_p, rules[1] if unrolled else rules[0], platform="cpu")
+    _state["unrolled"] = unrolled
+    return True
+
+
+def unrolled_threefry() -> bool:
+    """Whether CPU programs compiled now get the unrolled threefry lowering."""
+    return _state["unrolled"]
+
+
+@contextlib.contextmanager
+def threefry_lowering(unrolled: bool) -> Iterator[None]:
+    """Compile with the given threefry lowering inside the block, then restore the previous one
+    (e.g. ``unrolled=False`` to measure another JAX library with JAX's defaults)."""
+    previous = unrolled_threefry()
+    use_unrolled_threefry(unrolled)
+    try:
+        yield
+    finally:
+        use_unrolled_threefry(previous)
