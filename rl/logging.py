@@ -17,6 +17,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from rl.prng import unrolled_threefry
+
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 CONFIG_JSON = "config.json"
@@ -97,6 +99,7 @@ class RunLogger:
             "config": config,
             "git_revision": git_revision(),
             "packages": package_versions(),
+            "threefry_unrolled_on_cpu": unrolled_threefry(),
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             "command": sys.argv,

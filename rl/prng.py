@@ -1,11 +1,11 @@
 """How JAX's threefry random-number hash is compiled for the CPU.
 
 JAX lowers its threefry-2x32 hash (every ``jax.random`` draw, split and fold-in with the default
-key type) to XLA as a rolled loop of its five four-round blocks on the CPU, and unrolled on
-every other platform. Inside a jitted SAC update the rolled loops run as several small XLA
-``while`` loops per update whose per-iteration overhead costs more than the hash itself:
-``experiments/results/README.md`` measures o2o's scanned update 4-5 % faster with the unrolled
-form, with no longer compile time. Both forms compute the same bits, so random streams (and every
+key type) to XLA as a rolled loop of its five four-round blocks on the CPU, and unrolled on other
+platforms. Inside a jitted SAC update that makes several small XLA ``while`` loops per update,
+each with its own loop overhead and none fused with the ops around it. The unrolled form has
+neither: ``experiments/results/README.md`` measures o2o's scanned SAC update 2-5 % faster with
+it, and no slower to compile. Both forms compute the same bits, so random streams (and every
 result that depends only on them) are unchanged; what can change is XLA's fusion of the ops that
 consume the bits, hence float rounding in the last place.
 
@@ -15,31 +15,32 @@ jitted function, to get JAX's default back. Only functions compiled afterwards a
 
 Why this reaches into JAX's private ``jax._src.random.threefry2x32``: JAX exposes the primitive
 (``jax.extend.random.threefry2x32_p``) and lowering registration (``jax.interpreters.mlir``) but
-not its two lowering rules, and re-implementing the hash would duplicate cryptographic code that
-must match JAX bit for bit. If a JAX version no longer has the rules under these names, nothing is
+not its two lowering rules, and re-implementing the hash would duplicate code that must match
+JAX's bit for bit. If a JAX version no longer has the rules under these names, nothing is
 changed and ``use_unrolled_threefry`` returns ``False``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
-from jax.extend.random import threefry2x32_p
 from jax.interpreters import mlir
 
 _state = {"unrolled": False}
 
 
-def _jax_rules() -> tuple[Callable, Callable] | None:
-    """JAX's (rolled CPU, unrolled) threefry lowering rules, or ``None`` if not found."""
+def _jax_rules() -> tuple[Any, Callable, Callable] | None:
+    """JAX's threefry primitive and its (rolled CPU, unrolled) lowering rules, or ``None`` if this
+    JAX version does not have them under the expected names."""
     try:
         from jax._src.random import threefry2x32 as module
+        from jax.extend.random import threefry2x32_p
     except ImportError:
         return None
     rolled = getattr(module, "_threefry2x32_cpu_lowering_rule", None)
     unrolled = getattr(module, "_threefry2x32_lowering_rule", None)
-    return (rolled, unrolled) if callable(rolled) and callable(unrolled) else None
+    return (threefry2x32_p, rolled, unrolled) if callable(rolled) and callable(unrolled) else None
 
 
 def use_unrolled_threefry(unrolled: bool = True) -> bool:
@@ -48,7 +49,8 @@ def use_unrolled_threefry(unrolled: bool = True) -> bool:
     rules = _jax_rules()
     if rules is None:
         return not unrolled
-    mlir.register_lowering(threefry2x32_p, rules[1] if unrolled else rules[0], platform="cpu")
+    primitive, rolled, unrolled_rule = rules
+    mlir.register_lowering(primitive, unrolled_rule if unrolled else rolled, platform="cpu")
     _state["unrolled"] = unrolled
     return True
 

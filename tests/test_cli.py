@@ -27,7 +27,7 @@ def test_train_records_config_revision_versions_and_metrics(tmp_path, capsys):
     assert record["config"]["env"] == "Pendulum-v1"
     assert record["config"]["online"]["total_steps"] == 200
     assert record["config"]["sac"]["critic_hidden_dims"] == [32, 32]
-    assert "git_revision" in record and record["packages"]["jax"]
+    assert "git_revision" in record and record["packages"]["jax"] and record["threefry_unrolled_on_cpu"] is True
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows if r["phase"] == "eval"] == [200]
     assert (run_dir / "metrics.csv").read_text().startswith("step,seed,phase")
