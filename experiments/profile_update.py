@@ -67,7 +67,7 @@ def kind_of(instruction: Instruction) -> str:
         instruction.library_fusion and instruction.op_name.endswith("dot_general"))
     if is_product:
         return "gradient product" if "transpose(" in instruction.op_name else "forward product"
-    if re.search(r"threefry|_uniform|_randint|_normal", instruction.op_name):
+    if re.search(r"threefry|jit\(_(?:uniform|randint|normal)", instruction.op_name):
         return "random numbers"
     return "other"
 
