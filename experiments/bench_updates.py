@@ -164,11 +164,19 @@ def o2o_cells(args: Args) -> list[Cell]:
 
 
 def with_jax_default_threefry(cells: list[Cell]) -> list[Cell]:
-    """``cells`` compiled (by one call each) under JAX's default rolled threefry lowering."""
-    with threefry_lowering(unrolled=False):
-        for cell in cells:
-            cell.call()
-    return cells
+    """``cells`` whose every call runs, and so compiles, under JAX's default rolled threefry
+    lowering. Every call, not just the first: a jitted function compiles again on its second call
+    when its inputs' placement changes (an agent returned by an update is committed to the device,
+    a fresh one is not), and that program must be the rolled one too."""
+
+    def scoped(call: Callable[[], int]) -> Callable[[], int]:
+        def call_with_default_lowering() -> int:
+            with threefry_lowering(unrolled=False):
+                return call()
+
+        return call_with_default_lowering
+
+    return [dataclasses.replace(cell, call=scoped(cell.call)) for cell in cells]
 
 
 def plain_jax_buffer(count: int, seed: int = 0) -> plain_jax_sac.Buffer:

@@ -23,6 +23,7 @@ changed and ``use_unrolled_threefry`` returns ``False``.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterator
 
 from jax.interpreters import mlir
@@ -30,6 +31,7 @@ from jax.interpreters import mlir
 _state = {"unrolled": False}
 
 
+@functools.cache
 def _jax_rules() -> tuple[Any, Callable, Callable] | None:
     """JAX's threefry primitive and its (rolled CPU, unrolled) lowering rules, or ``None`` if this
     JAX version does not have them under the expected names."""

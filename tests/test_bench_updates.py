@@ -1,6 +1,7 @@
 """The update-throughput benchmark: its arithmetic bound counts the FLOPs of one SAC update
 correctly, its products-only row runs exactly the update's products, its timed windows alternate
-between cells, and its plain-JAX reference row does the same work as o2o and learns."""
+between cells, its peers compile with JAX's default threefry lowering, and its plain-JAX reference
+row does the same work as o2o and learns."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,10 @@ import numpy as np
 
 from experiments import plain_jax_sac
 from experiments.bench_updates import (ACT_DIM, BATCH, OBS_DIM, Args, Cell, compiled_flops, compiled_update,
-                                       measure_interleaved, plain_jax_buffer, products_only_cell, update_flops)
+                                       measure_interleaved, plain_jax_buffer, products_only_cell, update_flops,
+                                       with_jax_default_threefry)
 from experiments.hlo import compiled_products
+from rl.prng import unrolled_threefry
 
 
 def test_update_flop_count_matches_hand_count_of_dense_products():
@@ -81,3 +84,17 @@ def test_timed_windows_take_turns_so_every_cell_sees_the_same_machine():
     assert [len(cell.rates) for cell in cells] == [3, 3] and all(rate > 0 for cell in cells for rate in cell.rates)
     runs = [name for index, name in enumerate(log) if index == 0 or log[index - 1] != name]
     assert runs == ["a", "b"] + ["a", "b"] * 3  # warm-ups, then one window per cell per round
+
+
+def test_peer_cells_compile_with_jax_default_threefry_on_every_call():
+    lowering_seen = []
+
+    def call() -> int:
+        lowering_seen.append(unrolled_threefry())
+        return 1
+
+    (peer,) = with_jax_default_threefry([Cell("peer", "scan", 1, call)])
+    peer.call()
+    peer.call()  # a jitted peer may compile again on its second call
+    assert lowering_seen == [False, False]
+    assert unrolled_threefry()  # o2o's own cells keep the unrolled lowering
