@@ -165,9 +165,9 @@ def o2o_cells(args: Args) -> list[Cell]:
 
 def with_jax_default_threefry(cells: list[Cell]) -> list[Cell]:
     """``cells`` whose every call runs, and so compiles, under JAX's default rolled threefry
-    lowering. Every call, not just the first: a jitted function compiles again on its second call
-    when its inputs' placement changes (an agent returned by an update is committed to the device,
-    a fresh one is not), and that program must be the rolled one too."""
+    lowering. Every call, not just the first: a jitted function is compiled again on a later call
+    whose arguments differ in type from the first call's (a weak type, a Python scalar that became
+    an array), and that program must be the rolled one too. Costs a few microseconds per call."""
 
     def scoped(call: Callable[[], int]) -> Callable[[], int]:
         def call_with_default_lowering() -> int:

@@ -95,6 +95,6 @@ def test_peer_cells_compile_with_jax_default_threefry_on_every_call():
 
     (peer,) = with_jax_default_threefry([Cell("peer", "scan", 1, call)])
     peer.call()
-    peer.call()  # a jitted peer may compile again on its second call
+    peer.call()  # a jitted peer may be compiled again on a later call
     assert lowering_seen == [False, False]
     assert unrolled_threefry()  # o2o's own cells keep the unrolled lowering
