@@ -166,8 +166,8 @@ def o2o_cells(args: Args) -> list[Cell]:
 def with_jax_default_threefry(cells: list[Cell]) -> list[Cell]:
     """``cells`` whose every call runs, and so compiles, under JAX's default rolled threefry
     lowering. Every call, not just the first: a jitted function is compiled again on a later call
-    whose arguments differ in type from the first call's (a weak type, a Python scalar that became
-    an array), and that program must be the rolled one too. Costs a few microseconds per call."""
+    whose arguments differ in type from the first call's (a weak type that became a strong one, a
+    new shape), and that program must be the rolled one too. Costs a few microseconds per call."""
 
     def scoped(call: Callable[[], int]) -> Callable[[], int]:
         def call_with_default_lowering() -> int:
