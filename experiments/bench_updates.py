@@ -155,12 +155,12 @@ def o2o_cell(data: Transition, mode: str, num_updates: int, num_seeds: int | Non
     return Cell(library, mode, num_seeds or 1, call)
 
 
-def o2o_cells(args: Args) -> list[Cell]:
-    """o2o per-call, scan and vmap cells."""
-    data = random_transitions(BUFFER)
-    return [o2o_cell(data, "per-call", 1, None), o2o_cell(data, "scan", args.k, None)] + [
-        o2o_cell(data, "vmap", args.k, count) for count in args.seeds
-    ]
+def o2o_cells(args: Args, data: Transition) -> list[Cell]:
+    """o2o per-call, scan and vmap cells on the buffer contents ``data``, plus the scanned update
+    compiled with JAX's default threefry lowering (library ``o2o-rolled-threefry``)."""
+    rolled = with_jax_default_threefry([o2o_cell(data, "scan", args.k, None, library="o2o-rolled-threefry")])
+    own = [o2o_cell(data, "per-call", 1, None), o2o_cell(data, "scan", args.k, None)]
+    return rolled + own + [o2o_cell(data, "vmap", args.k, count) for count in args.seeds]
 
 
 def with_jax_default_threefry(cells: list[Cell]) -> list[Cell]:
@@ -354,8 +354,8 @@ def main(args: Args) -> list[dict]:
     """Measure everything, print the table and write the CSV."""
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
     products = dense_product_cell()
-    rolled = o2o_cell(random_transitions(BUFFER), "scan", args.k, None, library="o2o-rolled-threefry")
-    cells = [products, products_only_cell(args)] + with_jax_default_threefry([plain_jax_cell(args), rolled]) + o2o_cells(args)
+    cells = [products, products_only_cell(args)] + with_jax_default_threefry([plain_jax_cell(args)])
+    cells += o2o_cells(args, random_transitions(BUFFER))
     for name in args.peers:
         try:
             cells += with_jax_default_threefry(PEERS[name](args))
