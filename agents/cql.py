@@ -35,6 +35,7 @@ from agents.sac import SAC, SACConfig
 from rl.data import datasets, replay
 from rl.nets import StateActionValue
 from rl.types import Batch, Transition
+from rl.update import train_state
 
 DATASET_ACTION_LIMIT = 1.0 - 1e-5
 """Dataset actions are clipped to +-this, so that tanh-policy log-densities stay finite."""
@@ -280,7 +281,7 @@ class CQL(flax.struct.PyTreeNode):
         """Initialise the SAC networks and the multiplier (softplus^-1 of ``multiplier_init``)."""
         sac = SAC.create(key, observation_space, action_space, config.sac)
         raw = jnp.asarray(_softplus_inverse(config.multiplier_init), jnp.float32)
-        multiplier = TrainState.create(apply_fn=None, params={"raw": raw}, tx=optax.adam(config.multiplier_lr))
+        multiplier = train_state({"raw": raw}, optax.adam(config.multiplier_lr))
         return cls(sac=sac, multiplier=multiplier, config=config)
 
     def cql_multiplier(self) -> jax.Array:

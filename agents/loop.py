@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import optax
 from flax.training.train_state import TrainState
 
-from agents.ppo import RunningMoments, StochasticPolicy, make_policy, select_tree, train_state
+from agents.ppo import RunningMoments, StochasticPolicy, make_policy, select_tree
 from rl.rollouts import CollectionSpec, Rollout
+from rl.update import train_state
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,7 @@ from flax.training.train_state import TrainState
 from rl.distributions import tanh_gaussian, tanh_gaussian_mode
 from rl.nets import MLP, Dense
 from rl.rollouts import CollectionSpec, Rollout, gae
+from rl.update import train_state
 
 ActionKind = Literal["categorical", "clipped", "tanh"]
 TANH_ACTION_LIMIT = 1.0 - 1e-6
@@ -317,12 +318,6 @@ def _optimizer(config: PPOConfig) -> optax.GradientTransformation:
     else:
         learning_rate = config.learning_rate
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(learning_rate, eps=config.adam_eps))
-
-
-def train_state(params, tx: optax.GradientTransformation) -> TrainState:
-    """A TrainState with a strongly typed int32 step (a weak-typed one would recompile jitted
-    functions after a checkpoint restore)."""
-    return TrainState.create(apply_fn=None, params=params, tx=tx).replace(step=jnp.zeros((), jnp.int32))
 
 
 # ----------------------------------------------------------------------------- agent

@@ -25,6 +25,7 @@ from flax.training.train_state import TrainState
 from rl.distributions import tanh_gaussian, tanh_gaussian_mode
 from rl.nets import GaussianPolicyHead, StateActionValue, ensemble, subset_min
 from rl.types import Batch
+from rl.update import train_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,16 +156,12 @@ class SAC(flax.struct.PyTreeNode):
         critic_params = critic_net.init(critic_key, observation, action)["params"]
         log_alpha = jnp.asarray(np.log(config.init_temperature), jnp.float32)
         return cls(
-            actor=TrainState.create(
-                apply_fn=actor_net.apply,
-                params=actor_net.init(actor_key, observation)["params"],
-                tx=optax.adam(config.actor_lr),
+            actor=train_state(
+                actor_net.init(actor_key, observation)["params"], optax.adam(config.actor_lr), actor_net.apply
             ),
-            critic=TrainState.create(apply_fn=critic_net.apply, params=critic_params, tx=optax.adam(config.critic_lr)),
+            critic=train_state(critic_params, optax.adam(config.critic_lr), critic_net.apply),
             target_critic_params=jax.tree.map(jnp.copy, critic_params),  # own buffers: donation-safe
-            temperature=TrainState.create(
-                apply_fn=None, params={"log_alpha": log_alpha}, tx=optax.adam(config.temperature_lr)
-            ),
+            temperature=train_state({"log_alpha": log_alpha}, optax.adam(config.temperature_lr)),
             rng=rng,
             config=config,
             action_dim=action_dim,

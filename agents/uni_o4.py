@@ -64,13 +64,14 @@ import numpy as np
 import optax
 from flax.training.train_state import TrainState
 
-from agents.ppo import PPO, PPOConfig, RunningMoments, StochasticPolicy, ValueNet, train_state
+from agents.ppo import PPO, PPOConfig, RunningMoments, StochasticPolicy, ValueNet
 from rl import dynamics as dyn
 from rl.data import datasets
 from rl.evaluation import episode_seed, run_episodes
 from rl.logging import Progress, RunLogger
 from rl.nets import Dense, StateActionValue, ensemble
 from rl.rollouts import OnPolicyConfig, train_on_policy
+from rl.update import train_state
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 0.0
 OFFLINE_EVAL_STREAM = 3

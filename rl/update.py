@@ -11,12 +11,24 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
+from flax.training.train_state import TrainState
 
 from rl.data import replay
 from rl.types import PyTree
 
 SampleFn = Callable[[Any, jax.Array, int], PyTree]
 """``(source, key, batch_size) -> batch``; the default draws uniformly from one ReplayBuffer."""
+
+
+def train_state(params: PyTree, tx: optax.GradientTransformation, apply_fn: Callable | None = None) -> TrainState:
+    """A flax ``TrainState`` whose step counter is a strongly typed int32 array.
+
+    ``TrainState.create`` starts the count at the Python int 0, which jit traces as a weakly typed
+    scalar: the second call of a jitted update then misses JAX's dispatch cache once, and a state
+    restored from a checkpoint (strong int32) compiles the update again.
+    """
+    return TrainState.create(apply_fn=apply_fn, params=params, tx=tx).replace(step=jnp.zeros((), jnp.int32))
 
 
 def seed_vmap(fn: Callable, in_axes: tuple[int | None, ...]) -> Callable:

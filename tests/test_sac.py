@@ -65,6 +65,16 @@ def test_utd_ratio_runs_that_many_critic_steps_and_one_actor_step():
     assert int(updated.actor.step) == 1 and int(updated.temperature.step) == 1
 
 
+def test_a_restored_agent_reuses_the_compiled_update():
+    update = jax.jit(lambda agent, batch: agent.update(batch))  # its own compilation cache
+    agent, _ = update(make(), random_batch(16))
+    # a checkpoint restores every leaf as a strongly typed array: the step counters must already be
+    restored = jax.tree.map(lambda leaf: jnp.asarray(np.asarray(leaf)), agent)
+    update(restored, random_batch(16))
+    assert update._cache_size() == 1
+    assert agent.critic.step.dtype == jnp.int32 and not agent.critic.step.weak_type
+
+
 def test_target_critics_move_by_polyak_averaging():
     agent = make(tau=0.5)
     updated, _ = jax.jit(SAC.update)(agent, random_batch(16))
