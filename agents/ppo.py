@@ -32,7 +32,7 @@ import optax
 from flax.training.train_state import TrainState
 
 from rl.distributions import tanh_gaussian, tanh_gaussian_mode
-from rl.nets import MLP, Dense
+from rl.nets import MLP, Dense, orthogonal
 from rl.rollouts import CollectionSpec, Rollout, gae
 from rl.update import train_state
 
@@ -95,7 +95,7 @@ class PolicyNet(nn.Module):
     @nn.compact
     def __call__(self, observations: jax.Array) -> tuple[jax.Array, jax.Array]:
         features = MLP(self.hidden_dims, orthogonal_init=True, activation=ACTIVATIONS[self.activation])(observations)
-        head = Dense(self.action_dim, kernel_init=nn.initializers.orthogonal(0.01))(features)
+        head = Dense(self.action_dim, kernel_init=orthogonal(0.01))(features)
         if self.discrete:
             return head, jnp.zeros_like(head)
         log_std = self.param("log_std", nn.initializers.constant(self.init_log_std), (self.action_dim,))
@@ -111,7 +111,7 @@ class ValueNet(nn.Module):
     @nn.compact
     def __call__(self, observations: jax.Array) -> jax.Array:
         features = MLP(self.hidden_dims, orthogonal_init=True, activation=ACTIVATIONS[self.activation])(observations)
-        return Dense(1, kernel_init=nn.initializers.orthogonal(1.0))(features)[..., 0]
+        return Dense(1, kernel_init=orthogonal(1.0))(features)[..., 0]
 
 
 def action_kind(action_space: gym.Space, continuous_distribution: Literal["clipped", "tanh"]) -> ActionKind:

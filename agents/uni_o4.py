@@ -69,7 +69,7 @@ from rl import dynamics as dyn
 from rl.data import datasets
 from rl.evaluation import episode_seed, run_episodes
 from rl.logging import Progress, RunLogger
-from rl.nets import Dense, StateActionValue, ensemble
+from rl.nets import Dense, StateActionValue, ensemble, orthogonal
 from rl.rollouts import OnPolicyConfig, train_on_policy
 from rl.update import train_state
 
@@ -320,8 +320,8 @@ class UniO4PolicyNet(nn.Module):
         activation = {"relu": nn.relu, "tanh": nn.tanh}[self.activation]
         x = observations
         for width in self.hidden_dims:
-            x = activation(Dense(width, kernel_init=nn.initializers.orthogonal(1.0))(x))
-        out = jnp.tanh(Dense(2 * self.action_dim, kernel_init=nn.initializers.orthogonal(1.0))(x))
+            x = activation(Dense(width, kernel_init=orthogonal(1.0))(x))
+        out = jnp.tanh(Dense(2 * self.action_dim, kernel_init=orthogonal(1.0))(x))
         mean, raw_log_std = jnp.split(out, 2, axis=-1)
         half = 0.5 * (LOG_STD_MAX - LOG_STD_MIN)
         return mean, LOG_STD_MIN + half + half * raw_log_std

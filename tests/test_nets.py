@@ -1,5 +1,7 @@
 """Networks: ensembles on a parameter axis, REDQ subset minimum, tanh-Gaussian log-probabilities."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,8 @@ import pytest
 from rl.distributions import tanh_gaussian, tanh_gaussian_mode
 import flax.linen as nn
 
-from rl.nets import MLP, Dense, StateActionValue, dense_dot_general, dense_product, ensemble, subset_min
+from rl.nets import (MLP, Dense, StateActionValue, dense_dot_general, dense_product, ensemble, orthogonal,
+                     subset_min)
 
 
 def test_ensemble_members_have_independent_parameters_on_a_leading_axis():
@@ -100,3 +103,28 @@ def test_dense_dot_general_passes_other_contractions_to_lax():
     lhs, rhs = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
     batched = (((2,), (1,)), ((0,), (0,)))
     np.testing.assert_array_equal(dense_dot_general(lhs, rhs, batched), jax.lax.dot_general(lhs, rhs, batched))
+
+
+@pytest.mark.parametrize("shape", [(17, 256), (256, 256), (256, 6), (6, 300), (4, 5, 7)])
+def test_orthogonal_init_draws_the_values_of_jax_orthogonal_alone_and_vmapped(shape):
+    keys = jax.random.split(jax.random.PRNGKey(3), 6).reshape(2, 3, 2)
+    for scale in (1.0, 0.01):
+        ours, theirs = orthogonal(scale), nn.initializers.orthogonal(scale)
+        np.testing.assert_array_equal(ours(keys[0, 0], shape), theirs(keys[0, 0], shape))
+        nested = [jax.jit(jax.vmap(jax.vmap(lambda key: init(key, shape))))(keys) for init in (ours, theirs)]
+        np.testing.assert_array_equal(*nested)
+
+
+def lapack_operand_shapes(compiled_text: str) -> list[str]:
+    return re.findall(r"= \(?(f32\[[\d,]*\])[^=]*custom-call\([^)]*\), custom_call_target=\"lapack_", compiled_text)
+
+
+def test_vmapped_orthogonal_init_factors_one_matrix_per_lapack_call():
+    """A batched LAPACK call can deadlock XLA's CPU thread pool (see ``qr_one_matrix_at_a_time``)."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+
+    def compiled(init):
+        return jax.jit(jax.vmap(lambda key: init(key, (128, 128)))).lower(keys).compile().as_text()
+
+    assert lapack_operand_shapes(compiled(nn.initializers.orthogonal())) == ["f32[4,128,128]"] * 2  # what we avoid
+    assert lapack_operand_shapes(compiled(orthogonal())) == ["f32[128,128]"] * 2

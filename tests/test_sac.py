@@ -1,5 +1,10 @@
 """SAC: the agent contract (pure, jittable, vmappable), its options and its update schedule."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
@@ -181,3 +186,21 @@ def test_one_seed_runs_unbatched_with_the_seed_axis_kept_on_every_output():
     for x, y in zip(jax.tree.leaves((updated, metrics)), jax.tree.leaves(vmapped)):
         assert x.shape == y.shape
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+REPEATED_CREATION = textwrap.dedent("""
+    import gymnasium as gym, jax, numpy as np
+    from agents.sac import SAC, SACConfig
+    observations, actions = gym.spaces.Box(-np.inf, np.inf, (11,), np.float32), gym.spaces.Box(-1, 1, (3,), np.float32)
+    config = SACConfig(actor_hidden_dims=(128, 128), critic_hidden_dims=(128, 128), num_critics=5, orthogonal_init=True)
+    create = jax.jit(jax.vmap(lambda key: SAC.create(key, observations, actions, config)))
+    for index in range(1000):
+        jax.block_until_ready(create(jax.random.split(jax.random.PRNGKey(index), 3)))
+""")
+
+
+@pytest.mark.slow
+def test_seed_vmapped_orthogonal_agents_are_created_a_thousand_times_without_hanging():
+    """With batched LAPACK QRs, this loop hung on a 2-core CPU after 20-400 creations in each of
+    several runs (see ``rl.nets.qr_one_matrix_at_a_time``); it takes about 15 s."""
+    subprocess.run([sys.executable, "-c", REPEATED_CREATION], check=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
