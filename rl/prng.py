@@ -5,10 +5,10 @@ key type) to XLA as a rolled loop of its five four-round blocks on the CPU, and 
 platforms. Inside a jitted SAC update that makes several small XLA ``while`` loops per update,
 each with its own loop overhead and none fused with the ops around it. The unrolled form has
 neither: ``experiments/results/README.md`` measures o2o's scanned SAC update 1-5 % faster with
-it and PPO on a JAX-native environment, whose rollouts sample inside scanned steps, 1.2-1.4x
-faster, with no slower compilation. Both forms compute the same bits, so random streams (and every
-result that depends only on them) are unchanged; what can change is XLA's fusion of the ops that
-consume the bits, hence float rounding in the last place.
+it and PPO and LOOP on a JAX-native environment, whose rollouts sample inside scanned steps,
+1.1-1.4x faster, with no slower compilation. Both forms compute the same bits, so random streams
+(and every result that depends only on them) are unchanged; what can change is XLA's fusion of
+the ops that consume the bits, hence float rounding in the last place.
 
 Importing ``rl`` switches the CPU lowering to JAX's own unrolled rule (``use_unrolled_threefry``);
 call it with ``False``, or use ``threefry_lowering(unrolled=False)`` around the first call of a
