@@ -86,9 +86,7 @@ def qr_one_matrix_at_a_time(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 @qr_one_matrix_at_a_time.def_vmap
 def _qr_loop_over_batch(axis_size: int, in_batched: list[bool], matrix: jax.Array):
-    del axis_size
-    if not in_batched[0]:
-        return qr_one_matrix_at_a_time(matrix), (False, False)
+    del axis_size, in_batched  # vmap calls the rule only with the one argument batched
     return jax.lax.map(qr_one_matrix_at_a_time, matrix), (True, True)
 
 
