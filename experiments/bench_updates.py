@@ -5,7 +5,10 @@ Workload (the same for every library): observation 17, action 6, 256x256 MLPs, b
 
 - ``per-call``: one sample + update per Python call (how an online loop with UTD 1 drives it);
 - ``scan``: ``--k`` sample+update steps per call (o2o: ``lax.scan``; SBX: its ``fori_loop``);
-- ``vmap``: o2o only, ``--k`` steps per call for N seeds at once; updates/s is summed over seeds.
+- ``vmap``: o2o only, ``--k`` steps per call for N seeds at once, on a leading seed axis;
+  updates/s is summed over seeds. o2o runs the seeds as ``rl.update.over_seeds`` chooses (on the
+  CPU one seed after another inside the compiled call); library ``o2o-batched`` is the same call
+  with the seeds batched by ``jax.vmap``.
 
 Besides the libraries, library ``plain-jax`` (mode ``scan``) is the same update written in bare
 ``jax.numpy`` (``experiments/plain_jax_sac.py``): what XLA makes of the arithmetic with no framework
@@ -58,7 +61,7 @@ from experiments.hlo import compiled_products
 from rl.data import replay
 from rl.prng import threefry_lowering
 from rl.types import Transition
-from rl.update import compile_updates
+from rl.update import SeedBatching, compile_updates
 
 OBS_DIM, ACT_DIM, BATCH, BUFFER = 17, 6, 256, 100_000
 
@@ -133,8 +136,12 @@ def benchmark_agent(key: jax.Array) -> SAC:
     return SAC.create(key, observation_space, action_space, SACConfig(batch_size=BATCH))
 
 
-def o2o_cell(data: Transition, mode: str, num_updates: int, num_seeds: int | None, library: str = "o2o") -> Cell:
-    """o2o's SAC update, ``num_updates`` per call, unbatched (``num_seeds`` None) or vmapped."""
+def o2o_cell(
+    data: Transition, mode: str, num_updates: int, num_seeds: int | None, library: str = "o2o",
+    seed_batching: SeedBatching = "auto",
+) -> Cell:
+    """o2o's SAC update, ``num_updates`` per call, unbatched (``num_seeds`` None) or for
+    ``num_seeds`` seeds on a seed axis, run as ``seed_batching`` says."""
     keys = jax.random.split(jax.random.PRNGKey(0), num_seeds or 1)
     if num_seeds is None:
         state = {"agent": benchmark_agent(keys[0])}
@@ -142,7 +149,7 @@ def o2o_cell(data: Transition, mode: str, num_updates: int, num_seeds: int | Non
     else:
         state = {"agent": jax.vmap(benchmark_agent)(keys)}
         buffer = jax.vmap(lambda _: replay.from_items(data))(np.arange(num_seeds))
-    run = compile_updates(num_updates, vmap_seeds=num_seeds is not None)
+    run = compile_updates(num_updates, seed_axis=num_seeds is not None, seed_batching=seed_batching)
     counter = {"calls": 0}
 
     def call() -> int:
@@ -157,10 +164,15 @@ def o2o_cell(data: Transition, mode: str, num_updates: int, num_seeds: int | Non
 
 def o2o_cells(args: Args, data: Transition) -> list[Cell]:
     """o2o per-call, scan and vmap cells on the buffer contents ``data``, plus the scanned update
-    compiled with JAX's default threefry lowering (library ``o2o-rolled-threefry``)."""
+    compiled with JAX's default threefry lowering (library ``o2o-rolled-threefry``) and, for more
+    than one seed, the seeds batched by vmap (library ``o2o-batched``)."""
     rolled = with_jax_default_threefry([o2o_cell(data, "scan", args.k, None, library="o2o-rolled-threefry")])
     own = [o2o_cell(data, "per-call", 1, None), o2o_cell(data, "scan", args.k, None)]
-    return rolled + own + [o2o_cell(data, "vmap", args.k, count) for count in args.seeds]
+    seeds = [o2o_cell(data, "vmap", args.k, count) for count in args.seeds]
+    batched = [
+        o2o_cell(data, "vmap", args.k, count, library="o2o-batched", seed_batching="vmap") for count in args.seeds if count > 1
+    ]
+    return rolled + own + seeds + batched
 
 
 def with_jax_default_threefry(cells: list[Cell]) -> list[Cell]:

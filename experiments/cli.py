@@ -27,7 +27,7 @@ OFF_POLICY_AGENTS = {"sac": SAC, "tbsac": TBSAC}
 
 @dataclasses.dataclass(frozen=True)
 class TrainArgs:
-    """Train an agent online from scratch in one environment (seeds run as one vmapped program)."""
+    """Train an agent online from scratch in one environment (seeds run as one compiled program)."""
 
     agent: Literal["sac", "tbsac", "ppo", "loop"] = "sac"
     """Agent to train: off-policy sac / tbsac (online loop), on-policy ppo / loop (rollout loop)."""
@@ -36,7 +36,7 @@ class TrainArgs:
     seed: int = 0
     """First seed; seeds are seed, seed+1, ..., seed+num_seeds-1."""
     num_seeds: int = 1
-    """Seeds trained together as a leading vmapped axis."""
+    """Seeds trained together on a leading array axis in one program (off-policy updates: see --online.seed-batching)."""
     steps: int | None = None
     """Environment steps per seed (shorthand for --online.total-steps / --on-policy.total-steps)."""
     run_dir: Path | None = None

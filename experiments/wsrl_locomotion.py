@@ -138,6 +138,11 @@ class Scale:
         return self.batch_size if self.online_batch_size is None else self.online_batch_size
 
 
+SEED_BATCHING = "loop"
+"""Seeds' updates run one after another (``rl.update.over_seeds``): with these ensembles (5-10
+critics, LayerNorm, UTD 4) batching seeds by vmap is slower on the CPU. Measured at the ``cpu``
+scale, 3 seeds, 2-core CPU: WSRL's online update 1.55x, Cal-QL pre-training 1.47x."""
+
 SCALES: dict[str, Scale] = {
     "paper": Scale(256, 10, 256, 4, 1, 250_000, 10, 10, 5_000, 1_000_000, 20_000, 20, 100_000),
     "cpu": Scale(128, 5, 128, 4, 1, 48_000, 5, 5, 2_000, 7_000, 500, 5, 2_000, reward_scale=0.1, online_batch_size=256),
@@ -216,7 +221,9 @@ def online_schedule(scale: Scale, samples_per_update: int, offline_data_ratio: f
         log_interval=scale.eval_interval,
         checkpoint_interval=scale.checkpoint_interval,
     )
-    return dataclasses.replace(schedule, warmup_actions=warmup_actions, buffer_capacity=max(scale.online_steps, 1))
+    return dataclasses.replace(
+        schedule, warmup_actions=warmup_actions, buffer_capacity=max(scale.online_steps, 1), seed_batching=SEED_BATCHING
+    )
 
 
 # ----------------------------------------------------------------------------- runs
@@ -304,6 +311,7 @@ def pretrain_cql(
         eval_episodes=scale.eval_episodes,
         log_interval=min(5_000, scale.pretrain_steps),
         checkpoint_interval=min(25_000, scale.pretrain_steps),
+        seed_batching=SEED_BATCHING,
     )
     train_offline(
         agent, source, schedule, seeds, run_dir, make_env=make_env, run_config={"cql": config, "offline": schedule},

@@ -23,12 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rl import xla_cpu
 from rl.checkpoint import Checkpointer
 from rl.data import replay
 from rl.evaluation import episode_seed, run_episodes
 from rl.logging import Progress, RunLogger
 from rl.types import Transition, transition_like
-from rl.update import scan_updates, seed_vmap
+from rl.update import SeedBatching, compile_updates, over_seeds, scan_updates
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1
 
@@ -57,6 +58,9 @@ class OnlineConfig:
     """Log training metrics every this many steps."""
     checkpoint_interval: int = 0
     """Checkpoint every this many steps (0: only at the end)."""
+    seed_batching: SeedBatching = "auto"
+    """How the seeds' updates run: batched by vmap, one seed after another in a loop, or auto
+    (vmap, except on the CPU from 8 seeds on, where the loop is faster)."""
 
     def __post_init__(self) -> None:
         for name in ("total_steps", "eval_interval", "eval_episodes", "log_interval", "updates_per_step", "buffer_capacity"):
@@ -233,19 +237,23 @@ def train_online(
     def mixed_sample(sources, key, batch_size):
         return replay.sample_mixed(sources, (1.0 - offline_ratio, offline_ratio), key, batch_size)
 
-    def add_and_update(agent, buffer, transition, key, step, offline):
-        buffer = replay.add_one(buffer, transition)
+    def updates(agent, buffer, key, step, offline):
         update_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
         if offline_ratio > 0:
-            agent, metrics = scan_updates(agent, (buffer, offline), update_key, config.updates_per_step, mixed_sample)
-        else:
-            agent, metrics = scan_updates(agent, buffer, update_key, config.updates_per_step)
+            return scan_updates(agent, (buffer, offline), update_key, config.updates_per_step, mixed_sample)
+        return scan_updates(agent, buffer, update_key, config.updates_per_step)
+
+    def add_and_update(agent, buffer, transition, key, step, offline):
+        # The add stays batched over seeds: a per-seed buffer returned from a seed loop would be
+        # copied whole on every step.
+        buffer = jax.vmap(replay.add_one)(buffer, transition)
+        agent, metrics = over_seeds(updates, (0, 0, 0, None, None), config.seed_batching)(agent, buffer, key, step, offline)
         return agent, buffer, metrics
 
     random_fn = jax.jit(jax.vmap(random_actions, in_axes=(0, None)))
     policy_fn = jax.jit(jax.vmap(policy_actions, in_axes=(0, 0, 0, None)))
     add_fn = jax.jit(jax.vmap(replay.add_one), donate_argnums=0)
-    train_fn = jax.jit(seed_vmap(add_and_update, in_axes=(0, 0, 0, 0, None, None)), donate_argnums=(0, 1))
+    train_fn = xla_cpu.jit(add_and_update, donate_argnums=(0, 1))
     offline = offline_source if offline_ratio > 0 else None
 
     checkpointer = Checkpointer(run_dir / "checkpoints")
@@ -354,6 +362,9 @@ class OfflineConfig:
     """Log training metrics (averaged over the last call) every this many updates."""
     checkpoint_interval: int = 0
     """Checkpoint every this many updates (0: only at the end)."""
+    seed_batching: SeedBatching = "auto"
+    """How the seeds' updates run: batched by vmap, one seed after another in a loop, or auto
+    (vmap, except on the CPU from 8 seeds on, where the loop is faster)."""
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "updates_per_call", "eval_interval", "eval_episodes", "log_interval"):
@@ -385,7 +396,6 @@ def train_offline(
     Updates run in jitted chunks of up to ``updates_per_call``, cut at log / eval / checkpoint
     boundaries so that every boundary lands exactly. Returns the agent and the evaluation rows.
     """
-    from rl.update import compile_updates
 
     run_dir = Path(run_dir)
     update_keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(int(s)), 7) for s in seeds])
@@ -412,7 +422,9 @@ def train_offline(
             )
             count = stop - step
             if count not in compiled:
-                compiled[count] = compile_updates(count, vmap_seeds=True, sample_fn=sample_fn, shared_source=True)
+                compiled[count] = compile_updates(
+                    count, seed_axis=True, sample_fn=sample_fn, shared_source=True, seed_batching=config.seed_batching
+                )
             keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(update_keys, step)
             agent, metrics = compiled[count](agent, source, keys)
             step = stop

@@ -1,4 +1,6 @@
-"""The online loop: warm-up, determinism, exact resume, seeds as a vmapped axis, offline loop."""
+"""The online loop: warm-up, determinism, exact resume, seeds looped or vmapped, offline loop."""
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -51,15 +53,18 @@ def test_warmup_makes_no_updates(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
-def test_vmapped_seeds_match_separate_runs(tmp_path):
-    _, together = run(tmp_path / "both", seeds=(0, 1))
-    _, alone = run(tmp_path / "one", seeds=(1,))
+@pytest.mark.parametrize("seed_batching", ["vmap", "loop"])
+def test_seeds_looped_or_batched_match_separate_runs(tmp_path, seed_batching):
+    config = dataclasses.replace(SCHEDULE, seed_batching=seed_batching)
+    _, together = run(tmp_path / "both", seeds=(0, 1), config=config)
+    _, alone = run(tmp_path / "one", seeds=(1,), config=config)
     together_evals = [r["eval_return"] for r in together if r["seed"] == 1 and "eval_return" in r]
     alone_evals = [r["eval_return"] for r in alone if "eval_return" in r]
     np.testing.assert_allclose(together_evals, alone_evals, rtol=1e-3)
 
 
-def test_offline_loop_trains_every_seed_on_one_shared_dataset(tmp_path):
+@pytest.mark.parametrize("seed_batching", ["vmap", "loop"])
+def test_offline_loop_trains_every_seed_on_one_shared_dataset(tmp_path, seed_batching):
     rng = np.random.default_rng(0)
     from rl.data import datasets
 
@@ -68,7 +73,9 @@ def test_offline_loop_trains_every_seed_on_one_shared_dataset(tmp_path):
     )
     source = replay.from_items(datasets.to_transition(data))
     agent = jax.vmap(create)(jax.random.split(jax.random.PRNGKey(0), 2))
-    config = OfflineConfig(num_steps=120, updates_per_call=50, eval_interval=100, eval_episodes=1, log_interval=60)
+    config = OfflineConfig(
+        num_steps=120, updates_per_call=50, eval_interval=100, eval_episodes=1, log_interval=60, seed_batching=seed_batching
+    )
     agent, evaluations = train_offline(agent, source, config, [0, 1], tmp_path / "off", make_env=MAKE_ENV, progress=False)
     assert agent.critic.step.tolist() == [120, 120]
     assert sorted({r["step"] for r in evaluations}) == [100, 120]

@@ -14,7 +14,7 @@ import pytest
 from agents.sac import SAC, SACConfig
 from rl.data import replay
 from rl.types import Transition
-from rl.update import compile_updates, scan_updates, seed_vmap, stack_seeds, unstack_seed
+from rl.update import LOOP_FROM_SEEDS, compile_updates, over_seeds, scan_updates, stack_seeds, unstack_seed
 
 OBS = gym.spaces.Box(-np.inf, np.inf, (5,), np.float32)
 ACT = gym.spaces.Box(-1, 1, (2,), np.float32)
@@ -159,7 +159,7 @@ def test_scanned_updates_equal_sequential_updates():
 def test_compiled_updates_vmap_over_seeds_and_donate_the_agent():
     agents = stack_seeds([make(seed) for seed in range(2)])
     buffers = stack_seeds([replay.from_items(random_batch(100, seed)) for seed in range(2)])
-    run = compile_updates(5, vmap_seeds=True)
+    run = compile_updates(5, seed_axis=True)
     updated, metrics = run(agents, buffers, jax.random.split(jax.random.PRNGKey(0), 2))
     assert metrics["critic_loss"].shape == (2,)
     assert updated.critic.step.tolist() == [5, 5]
@@ -170,20 +170,57 @@ def test_one_seed_runs_unbatched_with_the_seed_axis_kept_on_every_output():
     agents = stack_seeds([make(0)])
     buffers = stack_seeds([replay.from_items(random_batch(100, 0))])
     keys = jax.random.split(jax.random.PRNGKey(0), 1)
-    run = compile_updates(5, vmap_seeds=True)
-    batched_inside = []
+    run = compile_updates(5, seed_axis=True)
+    traced_inside = []
 
     def probe(x):
-        batched_inside.append(isinstance(x, jax.core.Tracer))
+        traced_inside.append(isinstance(x, jax.core.Tracer))
         return x * 2
 
-    assert seed_vmap(probe, (0,))(np.ones((1, 3))).shape == (1, 3)
-    assert seed_vmap(probe, (0,))(np.ones((2, 3))).shape == (2, 3)
-    assert batched_inside == [False, True]  # one seed: no vmap; two: vmapped
+    assert over_seeds(probe, (0,))(np.ones((1, 3))).shape == (1, 3)
+    assert traced_inside == [False]  # one seed: fn called on the unbatched array, no vmap, no loop
     vmapped = jax.jit(jax.vmap(lambda a, b, k: scan_updates(a, b, k, 5)))(agents, buffers, keys)
     updated, metrics = run(agents, buffers, keys)
     assert metrics["critic_loss"].shape == (1,) and updated.critic.step.tolist() == [5]
     for x, y in zip(jax.tree.leaves((updated, metrics)), jax.tree.leaves(vmapped)):
+        assert x.shape == y.shape
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def _primitives(fn, *args) -> set[str]:
+    return {equation.primitive.name for equation in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
+
+
+def test_many_seeds_run_in_a_loop_on_the_cpu_few_batched_and_either_when_asked():
+    few, many = np.ones((3, 4), np.float32), np.ones((LOOP_FROM_SEEDS, 4), np.float32)
+    shared = np.arange(4, dtype=np.float32)
+
+    def fn(x, y):
+        return {"sum": x + y, "total": (x * y).sum()}
+
+    assert jax.default_backend() == "cpu"
+    assert "scan" in _primitives(over_seeds(fn, (0, None)), many, shared)
+    assert "scan" not in _primitives(over_seeds(fn, (0, None)), few, shared)
+    assert "scan" in _primitives(over_seeds(fn, (0, None), batching="loop"), few, shared)
+    assert "scan" not in _primitives(over_seeds(fn, (0, None), batching="vmap"), many, shared)
+    for batching in ("auto", "loop", "vmap"):
+        for stacked in (few, many):
+            out = over_seeds(fn, (0, None), batching=batching)(stacked, shared)
+            np.testing.assert_array_equal(out["sum"], stacked + shared)
+            np.testing.assert_array_equal(out["total"], np.full(len(stacked), 6.0))
+    with pytest.raises(ValueError, match="seed count"):
+        over_seeds(fn, (0, 0))(few, np.ones((2, 4)))
+    with pytest.raises(ValueError, match="batching"):
+        over_seeds(fn, (0, None), batching="pmap")(few, shared)
+
+
+def test_looped_seeds_give_the_updates_of_vmapped_seeds():
+    agents = stack_seeds([make(seed) for seed in range(3)])
+    buffers = stack_seeds([replay.from_items(random_batch(100, seed)) for seed in range(3)])
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    looped = compile_updates(5, seed_axis=True, seed_batching="loop")(jax.tree.map(jnp.copy, agents), buffers, keys)
+    batched = compile_updates(5, seed_axis=True, seed_batching="vmap")(agents, buffers, keys)
+    for x, y in zip(jax.tree.leaves(looped), jax.tree.leaves(batched)):
         assert x.shape == y.shape
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
