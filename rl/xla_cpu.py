@@ -44,16 +44,18 @@ SMALL_PRODUCT_MACS = 12_000_000
 """Below this typical product size (multiply-adds of one matrix product) YNNPACK fusion is off."""
 
 
-def _sub_jaxprs(params: dict[str, Any]) -> Iterator[jax.extend.core.Jaxpr]:
+def _sub_jaxprs(params: dict[str, Any]) -> Iterator[Any]:
+    """The jaxprs nested in an equation's parameters (open or closed; told apart by their
+    attributes, which every JAX version since 0.4 has, rather than by class paths that moved)."""
     for value in params.values():
         for item in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(item, jax.extend.core.ClosedJaxpr):
-                yield item.jaxpr
-            elif isinstance(item, jax.extend.core.Jaxpr):
+            if hasattr(item, "eqns"):
                 yield item
+            elif hasattr(getattr(item, "jaxpr", None), "eqns"):
+                yield item.jaxpr
 
 
-def product_sizes(jaxpr: jax.extend.core.Jaxpr) -> list[tuple[int, int]]:
+def product_sizes(jaxpr: Any) -> list[tuple[int, int]]:
     """``(multiply-adds of one matrix product, number of such matrices)`` for every
     ``dot_general`` in ``jaxpr`` and the programs nested in it (scan and loop bodies, calls);
     batch dimensions count as separate matrices, and a scan body's products once per trip (a
