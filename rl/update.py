@@ -71,18 +71,18 @@ def over_seeds(fn: Callable, in_axes: tuple[int | None, ...], batching: SeedBatc
         if len(sizes) != 1:
             raise ValueError(f"arguments mapped over seeds disagree on the seed count: leading sizes {sorted(sizes)}")
         (num_seeds,) = sizes
-        if num_seeds == 1:
-            squeezed = [jax.tree.map(lambda leaf: leaf[0], arg) if axis == 0 else arg for arg, axis in zip(args, in_axes)]
-            return jax.tree.map(lambda leaf: leaf[None], fn(*squeezed))
-        if _resolve(batching, num_seeds) == "vmap":
+        if num_seeds > 1 and _resolve(batching, num_seeds) == "vmap":
             return batched(*args)
 
         def one_seed(index):
-            def seed_slice(leaf):
-                return jax.lax.dynamic_index_in_dim(leaf, index, keepdims=False)
+            seed_args = [
+                jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, index, keepdims=False), arg) if axis == 0 else arg
+                for arg, axis in zip(args, in_axes)
+            ]
+            return fn(*seed_args)
 
-            return fn(*[jax.tree.map(seed_slice, arg) if axis == 0 else arg for arg, axis in zip(args, in_axes)])
-
+        if num_seeds == 1:
+            return jax.tree.map(lambda leaf: leaf[None], one_seed(0))
         return jax.lax.map(one_seed, jnp.arange(num_seeds))
 
     return call
