@@ -64,7 +64,8 @@ def over_seeds(fn: Callable, in_axes: tuple[int | None, ...], batching: SeedBatc
     pre-training there: 1.47x), which is why the loops take ``seed_batching`` from their config.
     On accelerators the batch fills otherwise idle units, so ``auto`` keeps vmap there.
     """
-    batched = jax.vmap(fn, in_axes=in_axes)
+    if batching not in ("auto", "vmap", "loop"):
+        raise ValueError(f"batching must be 'auto', 'vmap' or 'loop', got {batching!r}")
 
     def call(*args):
         sizes = {leaf.shape[0] for arg, axis in zip(args, in_axes) if axis == 0 for leaf in jax.tree.leaves(arg)}
@@ -72,7 +73,7 @@ def over_seeds(fn: Callable, in_axes: tuple[int | None, ...], batching: SeedBatc
             raise ValueError(f"arguments mapped over seeds disagree on the seed count: leading sizes {sorted(sizes)}")
         (num_seeds,) = sizes
         if num_seeds > 1 and _resolve(batching, num_seeds) == "vmap":
-            return batched(*args)
+            return jax.vmap(fn, in_axes=in_axes)(*args)
 
         def one_seed(index):
             seed_args = [
@@ -90,8 +91,6 @@ def over_seeds(fn: Callable, in_axes: tuple[int | None, ...], batching: SeedBatc
 
 def _resolve(batching: SeedBatching, num_seeds: int) -> str:
     """``batching`` with ``auto`` replaced by the choice for ``num_seeds`` on the default backend."""
-    if batching not in ("auto", "vmap", "loop"):
-        raise ValueError(f"batching must be 'auto', 'vmap' or 'loop', got {batching!r}")
     if batching == "auto":
         return "loop" if jax.default_backend() == "cpu" and num_seeds >= LOOP_FROM_SEEDS else "vmap"
     return batching

@@ -113,15 +113,15 @@ class jit:  # noqa: N801 - used like jax.jit
         self._jitted: Callable | None = None
         functools.update_wrapper(self, fn)
 
-    def _compiled_for(self, args: tuple) -> Any:
+    def _jitted_for(self, args: tuple) -> Any:
         if self._jitted is None:
             options = compiler_options(self._fn, *args)
             self._jitted = jax.jit(self._fn, compiler_options=options or None, **self._jit_kwargs)
         return self._jitted
 
     def __call__(self, *args: Any) -> Any:
-        return self._compiled_for(args)(*args)
+        return self._jitted_for(args)(*args)
 
     def lower(self, *args: Any) -> jax.stages.Lowered:
         """``jax.jit(...).lower`` with the chosen options."""
-        return self._compiled_for(args).lower(*args)
+        return self._jitted_for(args).lower(*args)

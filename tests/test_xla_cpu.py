@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from agents.sac import SAC, SACConfig
+from experiments.bench_updates import random_transitions
 from rl import xla_cpu
 from rl.data import replay
-from rl.types import Transition
 from rl.update import compile_updates
 
 
@@ -40,13 +40,7 @@ def _update_program_text(hidden: int) -> str:
     spaces = gym.spaces.Box(-np.inf, np.inf, (17,), np.float32), gym.spaces.Box(-1, 1, (6,), np.float32)
     config = SACConfig(actor_hidden_dims=(hidden, hidden), critic_hidden_dims=(hidden, hidden))
     agent = SAC.create(jax.random.PRNGKey(0), *spaces, config)
-    rng = np.random.default_rng(0)
-    items = Transition(
-        observations=rng.normal(size=(512, 17)).astype(np.float32), actions=rng.uniform(-1, 1, (512, 6)).astype(np.float32),
-        rewards=rng.normal(size=512).astype(np.float32), next_observations=rng.normal(size=(512, 17)).astype(np.float32),
-        terminated=np.zeros(512, bool), truncated=np.zeros(512, bool),
-    )
-    return compile_updates(2).lower(agent, replay.from_items(items), jax.random.PRNGKey(1)).compile().as_text()
+    return compile_updates(2).lower(agent, replay.from_items(random_transitions(512)), jax.random.PRNGKey(1)).compile().as_text()
 
 
 def test_small_networks_compile_without_ynnpack_fusion_and_large_ones_with_it(monkeypatch):
