@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 
+from rl import xla_cpu
+
 
 @jax.custom_vjp
 def dense_product(inputs: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -64,6 +66,98 @@ def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: jax.lax
 Dense = functools.partial(nn.Dense, dot_general=dense_dot_general)
 """``flax.linen.Dense`` (same parameters and names) whose gradient uses ``dense_product``; every
 o2o network builds its dense layers with it."""
+
+
+ROW_CHUNK = 32
+"""Width of the slices :func:`row_sum` adds before its one reduction (XLA's CPU backend splits
+reductions longer than this into windows of this width)."""
+
+
+def row_sum(x: jax.Array) -> jax.Array:
+    """Sum over the last axis (kept, size 1). In a program traced with
+    :func:`rl.xla_cpu.chunked_row_sums` true, the aligned ``ROW_CHUNK``-wide slices of each row are
+    added first, so XLA reduces only ``ROW_CHUNK`` values per row (plus any remainder) instead of
+    splitting a long reduction into ``reduce-window`` kernels, which its CPU code runs slowly."""
+    width = x.shape[-1]
+    full = width - width % ROW_CHUNK
+    if not xla_cpu.chunked_row_sums() or full <= ROW_CHUNK:
+        return jnp.sum(x, axis=-1, keepdims=True)
+    chunks = functools.reduce(jnp.add, (x[..., start:start + ROW_CHUNK] for start in range(0, full, ROW_CHUNK)))
+    total = jnp.sum(chunks, axis=-1, keepdims=True)
+    return total + jnp.sum(x[..., full:], axis=-1, keepdims=True) if full < width else total
+
+
+def _normalise(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
+    """``(x - mean) / std`` over the last axis and ``1 / std``, with flax's variance
+    ``max(0, E[x^2] - E[x]^2)``."""
+    inverse_width = 1.0 / x.shape[-1]
+    mean = row_sum(x) * inverse_width
+    variance = jnp.maximum(row_sum(x * x) * inverse_width - mean * mean, 0.0)
+    inverse_std = jax.lax.rsqrt(variance + epsilon)
+    return (x - mean) * inverse_std, inverse_std
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm_chunked(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+    return _normalise(x, epsilon)[0] * scale + bias
+
+
+def _layer_norm_chunked_forward(x, scale, bias, epsilon):
+    normalised, inverse_std = _normalise(x, epsilon)
+    return normalised * scale + bias, (normalised, inverse_std, scale)
+
+
+def _layer_norm_chunked_backward(epsilon, residuals, grads):
+    del epsilon
+    normalised, inverse_std, scale = residuals
+    inverse_width = 1.0 / grads.shape[-1]
+    grads_normalised = grads * scale
+    grads_x = inverse_std * (
+        grads_normalised
+        - row_sum(grads_normalised) * inverse_width
+        - normalised * (row_sum(grads_normalised * normalised) * inverse_width)
+    )
+    batch_axes = tuple(range(grads.ndim - 1))
+    return grads_x, jnp.sum(grads * normalised, axis=batch_axes), jnp.sum(grads, axis=batch_axes)
+
+
+_layer_norm_chunked.defvjp(_layer_norm_chunked_forward, _layer_norm_chunked_backward)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float = 1e-6) -> jax.Array:
+    """Layer normalisation over the last axis, as ``flax.linen.LayerNorm`` computes it.
+
+    Traced with :func:`rl.xla_cpu.chunked_row_sums` true (CPU programs compiled with YNNPACK
+    fusion off), its feature sums go through :func:`row_sum`'s chunks, and its backward pass is
+    written by hand so that the backward's sums do too (autodiff would sum over the features
+    with plain reductions); elsewhere it is the plain computation differentiated by autodiff.
+    Both give flax's values up to float rounding. As with :func:`dense_product`, differentiate
+    it in reverse mode.
+    """
+    with jax.named_scope(xla_cpu.LAYER_NORM_SCOPE):
+        if xla_cpu.chunked_row_sums():
+            return _layer_norm_chunked(x, scale, bias, epsilon)
+        # flax's own operations in its order, so XLA gets the program flax.linen.LayerNorm gives it.
+        squares = jax.lax.square(x)
+        mean, mean_of_squares = jnp.mean(x, axis=-1), jnp.mean(squares, axis=-1)
+        variance = jnp.maximum(0.0, mean_of_squares - jax.lax.square(mean))
+        centred = x - jnp.expand_dims(mean, -1)
+        feature_shape = (1,) * (x.ndim - 1) + (x.shape[-1],)
+        inverse_std_scaled = jax.lax.rsqrt(jnp.expand_dims(variance, -1) + epsilon) * scale.reshape(feature_shape)
+        return centred * inverse_std_scaled + bias.reshape(feature_shape)
+
+
+class LayerNorm(nn.Module):
+    """``flax.linen.LayerNorm`` (the same ``scale`` and ``bias`` parameters, named alike, so
+    checkpoints carry over) computed by :func:`layer_norm`; every o2o network normalises with it."""
+
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        return layer_norm(x, scale, bias, self.epsilon)
 
 
 @custom_vmap
@@ -136,7 +230,7 @@ class MLP(nn.Module):
             scale = self.final_hidden_scale if index == len(self.hidden_dims) - 1 else 1.0
             x = Dense(width, kernel_init=kernel_init(self.orthogonal_init, scale))(x)
             if self.layer_norm:
-                x = nn.LayerNorm()(x)
+                x = LayerNorm()(x)
             x = self.activation(x)
         return x
 

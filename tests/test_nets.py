@@ -10,8 +10,9 @@ import pytest
 from rl.distributions import tanh_gaussian, tanh_gaussian_mode
 import flax.linen as nn
 
-from rl.nets import (MLP, Dense, StateActionValue, dense_dot_general, dense_product, ensemble, orthogonal,
-                     subset_min)
+from rl import xla_cpu
+from rl.nets import (MLP, Dense, LayerNorm, StateActionValue, dense_dot_general, dense_product, ensemble, orthogonal,
+                     row_sum, subset_min)
 
 
 def test_ensemble_members_have_independent_parameters_on_a_leading_axis():
@@ -28,6 +29,56 @@ def test_ensemble_members_have_independent_parameters_on_a_leading_axis():
 def test_layer_norm_is_absent_unless_requested():
     params = MLP((8,)).init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))["params"]
     assert list(params) == ["Dense_0"]
+
+
+def with_chunked_row_sums(fn):
+    """``fn`` traced as ``rl.xla_cpu.jit`` traces programs it compiles with YNNPACK fusion off."""
+    return xla_cpu._traced_with_chunked_row_sums(fn)
+
+
+@pytest.mark.parametrize("shape", [(64,), (40, 16), (40, 48), (3, 40, 100), (40, 128), (2, 40, 256)])
+def test_layer_norm_matches_flax_in_values_gradients_and_parameter_names(shape):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(3.0 * rng.standard_normal(shape) + 1.0, jnp.float32)
+    params = nn.LayerNorm().init(jax.random.PRNGKey(0), x)
+    assert jax.tree.map(jnp.shape, LayerNorm().init(jax.random.PRNGKey(0), x)) == jax.tree.map(jnp.shape, params)
+    params = jax.tree.map(lambda leaf: leaf + jnp.asarray(0.1 * rng.standard_normal(leaf.shape), jnp.float32), params)
+
+    def loss(module):
+        return lambda p, x: jnp.sum(jnp.sin(module().apply(p, x)))
+
+    want = jax.value_and_grad(loss(nn.LayerNorm), argnums=(0, 1))(params, x)
+    plain = jax.jit(jax.value_and_grad(loss(LayerNorm), argnums=(0, 1)))
+    chunked = jax.jit(with_chunked_row_sums(jax.value_and_grad(loss(LayerNorm), argnums=(0, 1))))
+    for got in (plain(params, x), chunked(params, x)):
+        for leaf, expected in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(leaf, expected, rtol=1e-4, atol=1e-4 * np.sqrt(x.size))
+
+
+@pytest.mark.parametrize("width", [8, 32, 64, 100, 256])
+def test_chunked_row_sum_equals_the_plain_sum(width):
+    x = jnp.asarray(np.random.default_rng(width).standard_normal((5, 7, width)), jnp.float32)
+    chunked = jax.jit(with_chunked_row_sums(row_sum))(x)
+    assert chunked.shape == (5, 7, 1)
+    np.testing.assert_allclose(chunked, jnp.sum(x, axis=-1, keepdims=True), rtol=1e-5, atol=1e-5)
+
+
+def feature_axis_windows(compiled_text: str) -> list[str]:
+    """The ``reduce-window`` windows of a compiled program that run along the last axis."""
+    return [w for w in re.findall(r"reduce-window\(.*window=\{size=([\dx]+) ", compiled_text) if not w.endswith("x1")]
+
+
+def test_chunked_layer_norm_leaves_xla_no_windowed_reductions_over_features():
+    """XLA's CPU backend splits feature sums longer than 32 into slow ``reduce-window`` kernels
+    when YNNPACK does not run them; the chunked form (forward and backward) avoids them."""
+    x, params = jnp.ones((256, 128)), LayerNorm().init(jax.random.PRNGKey(0), jnp.ones((1, 128)))
+    step = jax.grad(lambda p, x: jnp.sum(jnp.sin(LayerNorm().apply(p, x))), argnums=(0, 1))
+    options = {xla_cpu.YNN_FUSION_OPTION: ""} if xla_cpu._ynn_option_supported() else None
+    plain = jax.jit(step, compiler_options=options).lower(params, x).compile().as_text()
+    chunked = jax.jit(with_chunked_row_sums(step), compiler_options=options).lower(params, x).compile().as_text()
+    if not feature_axis_windows(plain):
+        pytest.skip("this XLA does not window long feature sums: nothing for the chunked form to avoid")
+    assert feature_axis_windows(chunked) == []
 
 
 def test_subset_min_without_replacement_over_full_ensemble_is_the_minimum():

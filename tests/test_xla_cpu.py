@@ -1,5 +1,6 @@
 """Per-program XLA options on the CPU: product sizes read from the traced program, YNNPACK fusion
-off for small products only, a user's own XLA_FLAGS setting respected."""
+off for small products only (a larger bound with LayerNorm), such programs traced with chunked row
+sums, a user's own XLA_FLAGS setting respected."""
 
 import gymnasium as gym
 import jax
@@ -11,6 +12,7 @@ from agents.sac import SAC, SACConfig
 from experiments.bench_updates import random_transitions
 from rl import xla_cpu
 from rl.data import replay
+from rl.nets import LayerNorm
 from rl.update import compile_updates
 
 
@@ -59,3 +61,41 @@ def test_a_users_own_xla_flags_setting_wins(monkeypatch):
     expected = {xla_cpu.YNN_FUSION_OPTION: ""} if xla_cpu._ynn_option_supported() else {}
     assert xla_cpu.compiler_options(lambda x: x @ x, small) == expected
     assert xla_cpu.compiler_options(lambda x: x + 1, small) == {}  # no product: nothing to choose
+
+
+def _normalised_product(width: int):
+    """A program with one ``256 x width`` by ``width x width`` product followed by o2o's LayerNorm."""
+    params = LayerNorm().init(jax.random.PRNGKey(0), jnp.ones((1, width)))
+    return lambda x, w: LayerNorm().apply(params, x @ w), (jnp.ones((256, width)), jnp.ones((width, width)))
+
+
+def test_programs_with_layer_norm_turn_fusion_off_up_to_the_larger_bound(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    if not xla_cpu._ynn_option_supported():
+        pytest.skip(f"this XLA has no {xla_cpu.YNN_FUSION_OPTION} option: nothing to choose")
+    normalised, args = _normalised_product(256)  # 16.8 M multiply-adds: between the two bounds
+    assert xla_cpu.SMALL_PRODUCT_MACS <= 256**3 < xla_cpu.SMALL_PRODUCT_MACS_WITH_LAYER_NORM
+    assert xla_cpu.has_layer_norm(jax.make_jaxpr(normalised)(*args).jaxpr)
+    assert xla_cpu.compiler_options(normalised, *args) == {xla_cpu.YNN_FUSION_OPTION: ""}
+    assert xla_cpu.compiler_options(lambda x, w: jax.nn.relu(x @ w), *args) == {}
+    large, large_args = _normalised_product(512)  # 67 M: fusion stays on
+    assert xla_cpu.compiler_options(large, *large_args) == {}
+
+
+def _row_sums_seen_when_traced(width: int) -> bool:
+    def program(x, w):
+        return x @ w, jnp.asarray(xla_cpu.chunked_row_sums())
+
+    return bool(xla_cpu.jit(program)(jnp.ones((256, width)), jnp.ones((width, width)))[1])
+
+
+def test_only_programs_compiled_without_fusion_are_traced_with_chunked_row_sums(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert not xla_cpu.chunked_row_sums()
+    assert _row_sums_seen_when_traced(64) == xla_cpu._ynn_option_supported()
+    assert not _row_sums_seen_when_traced(512)
+    assert not xla_cpu.chunked_row_sums()  # the setting ends with the trace
+    monkeypatch.setenv("XLA_FLAGS", f"--{xla_cpu.YNN_FUSION_OPTION}=")  # the user's own "off" counts
+    assert _row_sums_seen_when_traced(512)
+    monkeypatch.setenv("XLA_FLAGS", f"--{xla_cpu.YNN_FUSION_OPTION}=dot")
+    assert not _row_sums_seen_when_traced(64)
