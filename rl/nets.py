@@ -69,42 +69,37 @@ o2o network builds its dense layers with it."""
 
 
 ROW_CHUNK = 32
-"""Width of the slices :func:`row_sum` adds before its one reduction (XLA's CPU backend splits
-reductions longer than this into windows of this width)."""
+"""Width of the slices :func:`chunked_row_sum` adds before its one reduction (XLA's CPU backend
+splits reductions longer than this into windows of this width)."""
 
 
-def row_sum(x: jax.Array) -> jax.Array:
-    """Sum over the last axis (kept, size 1). In a program traced with
-    :func:`rl.xla_cpu.chunked_row_sums` true, the aligned ``ROW_CHUNK``-wide slices of each row are
-    added first, so XLA reduces only ``ROW_CHUNK`` values per row (plus any remainder) instead of
-    splitting a long reduction into ``reduce-window`` kernels, which its CPU code runs slowly."""
+def chunked_row_sum(x: jax.Array) -> jax.Array:
+    """Sum over the last axis (kept, size 1), adding each row's aligned ``ROW_CHUNK``-wide slices
+    first, so that XLA reduces only ``ROW_CHUNK`` values per row (plus any remainder) instead of
+    splitting a long reduction into ``reduce-window`` kernels, which its CPU code runs slowly when
+    YNNPACK does not run the reduction."""
     width = x.shape[-1]
     full = width - width % ROW_CHUNK
-    if not xla_cpu.chunked_row_sums() or full <= ROW_CHUNK:
+    if full <= ROW_CHUNK:
         return jnp.sum(x, axis=-1, keepdims=True)
     chunks = functools.reduce(jnp.add, (x[..., start:start + ROW_CHUNK] for start in range(0, full, ROW_CHUNK)))
     total = jnp.sum(chunks, axis=-1, keepdims=True)
     return total + jnp.sum(x[..., full:], axis=-1, keepdims=True) if full < width else total
 
 
-def _normalise(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
-    """``(x - mean) / std`` over the last axis and ``1 / std``, with flax's variance
-    ``max(0, E[x^2] - E[x]^2)``."""
+def _layer_norm_chunked_forward(x, scale, bias, epsilon):
+    # flax's variance, max(0, E[x^2] - E[x]^2), with the feature sums in chunks.
     inverse_width = 1.0 / x.shape[-1]
-    mean = row_sum(x) * inverse_width
-    variance = jnp.maximum(row_sum(x * x) * inverse_width - mean * mean, 0.0)
+    mean = chunked_row_sum(x) * inverse_width
+    variance = jnp.maximum(chunked_row_sum(x * x) * inverse_width - mean * mean, 0.0)
     inverse_std = jax.lax.rsqrt(variance + epsilon)
-    return (x - mean) * inverse_std, inverse_std
+    normalised = (x - mean) * inverse_std
+    return normalised * scale + bias, (normalised, inverse_std, scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _layer_norm_chunked(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
-    return _normalise(x, epsilon)[0] * scale + bias
-
-
-def _layer_norm_chunked_forward(x, scale, bias, epsilon):
-    normalised, inverse_std = _normalise(x, epsilon)
-    return normalised * scale + bias, (normalised, inverse_std, scale)
+    return _layer_norm_chunked_forward(x, scale, bias, epsilon)[0]
 
 
 def _layer_norm_chunked_backward(epsilon, residuals, grads):
@@ -114,8 +109,8 @@ def _layer_norm_chunked_backward(epsilon, residuals, grads):
     grads_normalised = grads * scale
     grads_x = inverse_std * (
         grads_normalised
-        - row_sum(grads_normalised) * inverse_width
-        - normalised * (row_sum(grads_normalised * normalised) * inverse_width)
+        - chunked_row_sum(grads_normalised) * inverse_width
+        - normalised * (chunked_row_sum(grads_normalised * normalised) * inverse_width)
     )
     batch_axes = tuple(range(grads.ndim - 1))
     return grads_x, jnp.sum(grads * normalised, axis=batch_axes), jnp.sum(grads, axis=batch_axes)
@@ -128,7 +123,7 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float =
     """Layer normalisation over the last axis, as ``flax.linen.LayerNorm`` computes it.
 
     Traced with :func:`rl.xla_cpu.chunked_row_sums` true (CPU programs compiled with YNNPACK
-    fusion off), its feature sums go through :func:`row_sum`'s chunks, and its backward pass is
+    fusion off), its feature sums go through :func:`chunked_row_sum`, and its backward pass is
     written by hand so that the backward's sums do too (autodiff would sum over the features
     with plain reductions); elsewhere it is the plain computation differentiated by autodiff.
     Both give flax's values up to float rounding. As with :func:`dense_product`, differentiate

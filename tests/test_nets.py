@@ -12,7 +12,7 @@ import flax.linen as nn
 
 from rl import xla_cpu
 from rl.nets import (MLP, Dense, LayerNorm, StateActionValue, dense_dot_general, dense_product, ensemble, orthogonal,
-                     row_sum, subset_min)
+                     chunked_row_sum, subset_min)
 
 
 def test_ensemble_members_have_independent_parameters_on_a_leading_axis():
@@ -58,7 +58,7 @@ def test_layer_norm_matches_flax_in_values_gradients_and_parameter_names(shape):
 @pytest.mark.parametrize("width", [8, 32, 64, 100, 256])
 def test_chunked_row_sum_equals_the_plain_sum(width):
     x = jnp.asarray(np.random.default_rng(width).standard_normal((5, 7, width)), jnp.float32)
-    chunked = jax.jit(with_chunked_row_sums(row_sum))(x)
+    chunked = jax.jit(chunked_row_sum)(x)
     assert chunked.shape == (5, 7, 1)
     np.testing.assert_allclose(chunked, jnp.sum(x, axis=-1, keepdims=True), rtol=1e-5, atol=1e-5)
 
