@@ -61,7 +61,8 @@ def over_seeds(fn: Callable, in_axes: tuple[int | None, ...], batching: SeedBatc
     loop) 4 seeds 0.85x, and SAC on Hopper-v5 with 8 seeds ran 1.29-1.31x the environment steps
     per second end to end. Some agents gain at few seeds too (WSRL's online update at
     the ``wsrl_locomotion`` CPU scale, 5 critics, UTD 4, LayerNorm: 1.55x at 3 seeds; Cal-QL
-    pre-training there: 1.47x), which is why the loops take ``seed_batching`` from their config.
+    pre-training there: 1.47x; since LayerNorm sums in chunks, :func:`rl.nets.layer_norm`, about
+    1.10x and 1.20x), which is why the loops take ``seed_batching`` from their config.
     On accelerators the batch fills otherwise idle units, so ``auto`` keeps vmap there.
     """
     if batching not in ("auto", "vmap", "loop"):
