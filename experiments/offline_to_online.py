@@ -8,7 +8,7 @@
 - ``finetune --from RUN``: WSRL: restore the whole pretrained agent, warm up with its policy into an
   empty buffer, then online SAC on online data only.
 - ``run``: pretrain then finetune (optionally also SAC from scratch for the same online budget).
-- ``quickstart``: everything above on Pendulum-v1 (about two minutes on two CPU cores), with a
+- ``quickstart``: everything above on Pendulum-v1 (about three minutes on two CPU cores), with a
   table and a learning-curve PNG.
 
 Note: ``rl.loops.train_online`` evaluates on the training env, so with a reward transform
