@@ -139,9 +139,15 @@ def has_layer_norm(jaxpr: Any) -> bool:
     )
 
 
+def _users_ynn_setting() -> str | None:
+    """The value the user's own ``XLA_FLAGS`` give the option (unquoted), or None if unset."""
+    match = re.search(rf"--{YNN_FUSION_OPTION}(?:=(\S*))?", os.environ.get("XLA_FLAGS", ""))
+    return None if match is None else (match.group(1) or "").strip("'\"")
+
+
 def compiler_options(fn: Callable, *args: Any) -> dict[str, str]:
     """The XLA options :func:`jit` compiles ``fn(*args)`` with (see the module docstring)."""
-    if jax.default_backend() != "cpu" or YNN_FUSION_OPTION in os.environ.get("XLA_FLAGS", ""):
+    if jax.default_backend() != "cpu" or _users_ynn_setting() is not None:
         return {}
     jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
     sizes = product_sizes(jaxpr)
@@ -156,10 +162,8 @@ def _ynn_fusion_off(options: dict[str, str]) -> bool:
     into YNNPACK."""
     if jax.default_backend() != "cpu":
         return False
-    user = re.search(rf"--{YNN_FUSION_OPTION}=(\S*)", os.environ.get("XLA_FLAGS", ""))
-    if user is not None:
-        return user.group(1) in ("", '""', "''")
-    return options.get(YNN_FUSION_OPTION) == ""
+    users = _users_ynn_setting()
+    return users == "" if users is not None else options.get(YNN_FUSION_OPTION) == ""
 
 
 def _traced_with_chunked_row_sums(fn: Callable) -> Callable:
