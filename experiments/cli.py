@@ -17,6 +17,7 @@ from agents.sac import SAC, SACConfig
 from agents.tbsac import TBSAC, TBSACConfig
 from envs import registry
 from experiments import presets
+from rl import compilation_cache
 from rl.checkpoint import CheckpointMismatch
 from rl.data.datasets import DatasetError, normalised_score, reference_scores
 from rl.loops import OnlineConfig, train_online
@@ -202,7 +203,8 @@ def _split_preset(argv: list[str]) -> tuple[list[str], str | None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``o2o`` console script."""
+    """Entry point of the ``o2o`` console script. Compiled programs are kept between runs
+    (:mod:`rl.compilation_cache`; ``O2O_COMPILATION_CACHE=off`` turns that off)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, preset = _split_preset(argv)
     train_default = TrainArgs()
@@ -225,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"o2o: {error}") from None
     from experiments.offline_to_online import ERRORS
 
+    compilation_cache.enable()
     try:
         handlers[type(args)](args)
     except (registry.EnvError, DatasetError, CheckpointMismatch, *ERRORS) as error:

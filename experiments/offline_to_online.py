@@ -41,6 +41,7 @@ from agents.sac import SAC, SACConfig
 from agents.uni_o4 import UniO4Config
 from agents.wsrl import create_pretrained_template, restore_pretrained, run_wsrl, wsrl_config, wsrl_schedule
 from envs import registry
+from rl import compilation_cache
 from rl.checkpoint import CheckpointMismatch, Checkpointer
 from rl.data import collect as collect_lib
 from rl.data import datasets, replay
@@ -886,7 +887,8 @@ ERRORS = (ConfigError, datasets.DatasetError, CheckpointMismatch, registry.EnvEr
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Stand-alone entry point (``python -m experiments.offline_to_online <command> ...``)."""
+    """Stand-alone entry point (``python -m experiments.offline_to_online <command> ...``); keeps
+    compiled programs between runs as the ``o2o`` command does."""
     from typing import Union
 
     command = Union[tuple(Annotated[cls, tyro.conf.subcommand(name)] for name, (cls, _) in COMMANDS.items())]
@@ -895,6 +897,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         raise SystemExit(f"o2o: {error}") from None
     function = next(fn for cls, fn in COMMANDS.values() if isinstance(args, cls))
+    compilation_cache.enable()
     try:
         function(args)
     except ERRORS as error:

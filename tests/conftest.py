@@ -7,9 +7,17 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from pathlib import Path  # noqa: E402
 
+# Compiled programs are kept in the checkout's .pytest_cache, shared by the test workers and by the
+# `o2o` processes that tests start, so a second test run compiles little.
+os.environ.setdefault("O2O_COMPILATION_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "o2o-xla"))
+
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from rl import compilation_cache  # noqa: E402
+
+compilation_cache.enable()
 
 
 @pytest.fixture

@@ -1,0 +1,88 @@
+"""The persistent compilation cache: where it lives, who decides, and that cached programs give
+the numbers a fresh compilation gives."""
+
+from pathlib import Path
+
+import jax
+import jaxlib
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
+
+from experiments.bench_updates import benchmark_agent, random_transitions
+from rl import compilation_cache
+from rl.data import replay
+from rl.update import compile_updates
+
+CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs", "jax_compilation_cache_max_size")
+
+
+@pytest.fixture
+def own_jax_cache_settings():
+    """Let a test change JAX's cache settings; the test session's come back afterwards."""
+    saved = {name: getattr(jax.config, name) for name in CACHE_SETTINGS}
+    jax.config.update("jax_compilation_cache_dir", None)
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    jax_compilation_cache.reset_cache()
+
+
+def test_default_directory_follows_the_environment(tmp_path):
+    version_and_host = f"jaxlib-{jaxlib.__version__}-{compilation_cache.host_fingerprint()}"
+    named = compilation_cache.default_cache_dir({"O2O_COMPILATION_CACHE": str(tmp_path / "mine")})
+    assert named == tmp_path / "mine" / version_and_host
+    xdg = compilation_cache.default_cache_dir({"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert xdg == tmp_path / "xdg" / "o2o" / "xla" / version_and_host
+    assert compilation_cache.default_cache_dir({}) == Path.home() / ".cache" / "o2o" / "xla" / version_and_host
+    for off in ("off", "0", "False", "", " none "):
+        assert compilation_cache.default_cache_dir({"O2O_COMPILATION_CACHE": off}) is None
+
+
+def test_host_fingerprint_is_stable_and_short():
+    assert compilation_cache.host_fingerprint() == compilation_cache.host_fingerprint()
+    assert len(compilation_cache.host_fingerprint()) == 12
+
+
+def test_a_cache_directory_the_user_gave_jax_wins(tmp_path, own_jax_cache_settings):
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "users"))
+    assert compilation_cache.enable(tmp_path / "o2o") == tmp_path / "users"
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "users")
+    assert not (tmp_path / "o2o").exists()
+
+
+def test_cache_turned_off_leaves_jax_without_one(monkeypatch, own_jax_cache_settings):
+    monkeypatch.setenv("O2O_COMPILATION_CACHE", "off")
+    assert compilation_cache.enable() is None
+    assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_an_update_loaded_from_the_cache_gives_the_same_numbers(tmp_path, own_jax_cache_settings):
+    """A fresh compilation writes the SAC update to the cache; with JAX's in-memory caches
+    cleared, the same program loads from disk and computes bit-identical agents and metrics."""
+    assert compilation_cache.enable(tmp_path / "cache", min_compile_seconds=0.0) == tmp_path / "cache"
+    jax.clear_caches()
+    buffer = replay.from_items(random_transitions(512))
+
+    def updates():
+        agent, metrics = compile_updates(3)(benchmark_agent(jax.random.PRNGKey(0)), buffer, jax.random.PRNGKey(1))
+        return jax.device_get((agent, metrics))
+
+    events: list[str] = []
+
+    def listen(event: str, **_) -> None:
+        events.append(event)
+
+    jax.monitoring.register_event_listener(listen)
+    try:
+        compiled = updates()
+        assert "/jax/compilation_cache/cache_misses" in events
+        assert any((tmp_path / "cache").iterdir()), "nothing was written to the cache"
+        jax.clear_caches()
+        events.clear()
+        loaded = updates()
+        assert "/jax/compilation_cache/cache_hits" in events
+    finally:
+        jax.monitoring.unregister_event_listener(listen)
+    for x, y in zip(jax.tree.leaves(compiled), jax.tree.leaves(loaded), strict=True):
+        np.testing.assert_array_equal(x, y)
