@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -82,17 +83,26 @@ def enable(directory: str | os.PathLike | None = None, min_compile_seconds: floa
     :func:`default_cache_dir`) and return the directory in use, or None when the cache is off.
 
     A directory already set in JAX's configuration (by ``JAX_COMPILATION_CACHE_DIR`` or
-    ``jax.config``) is kept, with the user's other cache settings, and returned. Call it before the
+    ``jax.config``) is kept, with the user's other cache settings, and returned; a cache the user
+    turned off in JAX (``JAX_ENABLE_COMPILATION_CACHE=false``) stays off. A directory that cannot
+    be created (a read-only home, say) leaves the cache off with a warning. Call it before the
     programs it should cover are compiled; programs compiled earlier in the process stay
     uncached.
     """
+    if not jax.config.jax_enable_compilation_cache:
+        return None
     configured = jax.config.jax_compilation_cache_dir
     if configured:
         return Path(configured)
     path = Path(directory) if directory is not None else default_cache_dir()
     if path is None:
         return None
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        warnings.warn(f"compiled programs are not kept between runs: cannot create {path} ({error}); "
+                      f"set {ENVIRONMENT_VARIABLE} to a writable directory, or to 'off'", stacklevel=2)
+        return None
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
     jax.config.update("jax_compilation_cache_max_size", max_bytes)
     jax_compilation_cache.set_cache_dir(str(path))

@@ -14,7 +14,12 @@ from rl import compilation_cache
 from rl.data import replay
 from rl.update import compile_updates
 
-CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs", "jax_compilation_cache_max_size")
+CACHE_SETTINGS = (
+    "jax_enable_compilation_cache",
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_compilation_cache_max_size",
+)
 
 
 @pytest.fixture
@@ -54,6 +59,20 @@ def test_a_cache_directory_the_user_gave_jax_wins(tmp_path, own_jax_cache_settin
 def test_cache_turned_off_leaves_jax_without_one(monkeypatch, own_jax_cache_settings):
     monkeypatch.setenv("O2O_COMPILATION_CACHE", "off")
     assert compilation_cache.enable() is None
+    assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_cache_the_user_turned_off_in_jax_stays_off(tmp_path, own_jax_cache_settings):
+    jax.config.update("jax_enable_compilation_cache", False)
+    assert compilation_cache.enable(tmp_path / "o2o") is None
+    assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_unwritable_directory_warns_and_runs_without_a_cache(tmp_path, own_jax_cache_settings):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.warns(UserWarning, match="O2O_COMPILATION_CACHE"):
+        assert compilation_cache.enable(blocker / "cache") is None
     assert jax.config.jax_compilation_cache_dir is None
 
 
