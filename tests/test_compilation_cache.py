@@ -105,3 +105,12 @@ def test_an_update_loaded_from_the_cache_gives_the_same_numbers(tmp_path, own_ja
         jax.monitoring.unregister_event_listener(listen)
     for x, y in zip(jax.tree.leaves(compiled), jax.tree.leaves(loaded), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_missing_filelock_warns_and_runs_without_a_cache(tmp_path, monkeypatch, own_jax_cache_settings):
+    find_spec = compilation_cache.importlib.util.find_spec
+    monkeypatch.setattr(compilation_cache.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "filelock" else find_spec(name, *args))
+    with pytest.warns(UserWarning, match="filelock"):
+        assert compilation_cache.enable(tmp_path / "cache") is None
+    assert jax.config.jax_compilation_cache_dir is None
