@@ -26,7 +26,8 @@ Scales (``--scale``):
   replacement), batch 256 per critic step, UTD 4, 250,000 offline steps with 10 + 10 + 10 sampled
   and 10 backup actions, K = 5,000 warm-up steps, 1,000,000 online steps (the maintainer's
   locomotion budget, zhouzypaul/wsrl#5), 20 evaluation episodes every 20,000 steps.
-- ``cpu`` (fits Hopper-v5 medium x 4 methods x 3 seeds in about an hour on two shared CPU cores):
+- ``cpu`` (Hopper-v5 medium x 4 methods x 3 seeds in about half an hour on two CPU cores, the
+  dataset's collection included):
   actor and critics 128x128, 5 critics (subset 2 with replacement), batch 128 per offline critic
   step (online: the spec's 256, UTD 4, so 1,024 transitions per update), 48,000 offline steps with
   5 + 5 + 5 sampled and 5 backup actions, K = 2,000 warm-up steps, 7,000 online steps (5,000 after
