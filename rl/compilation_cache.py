@@ -47,12 +47,13 @@ MAX_BYTES = 2 * 1024**3
 """Size cap of the cache directory; the least recently used programs go first."""
 
 
-def host_fingerprint() -> str:
+def host_fingerprint(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
     """A short hash of what decides which machine code XLA may emit here: the CPU's architecture,
-    model and feature flags (Linux's ``/proc/cpuinfo``; elsewhere what ``platform`` reports)."""
+    model and feature flags (Linux's ``cpuinfo``; elsewhere what ``platform`` reports). Clock
+    speeds and other lines that change from moment to moment do not enter it."""
     description = [platform.system(), platform.machine(), platform.processor()]
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
             for line in handle:
                 if line.startswith(("model name", "flags", "Features", "CPU part")):
                     description.append(line.strip())

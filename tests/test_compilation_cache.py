@@ -44,9 +44,18 @@ def test_default_directory_follows_the_environment(tmp_path):
         assert compilation_cache.default_cache_dir({"O2O_COMPILATION_CACHE": off}) is None
 
 
-def test_host_fingerprint_is_stable_and_short():
-    assert compilation_cache.host_fingerprint() == compilation_cache.host_fingerprint()
-    assert len(compilation_cache.host_fingerprint()) == 12
+def test_host_fingerprint_follows_the_cpu_model_and_flags_not_its_clock(tmp_path):
+    def fingerprint(model: str, flags: str, mhz: str) -> str:
+        path = tmp_path / f"{model}-{flags}-{mhz}"
+        path.write_text(f"processor\t: 0\nmodel name\t: {model}\ncpu MHz\t\t: {mhz}\nflags\t\t: {flags}\n\n"
+                        f"processor\t: 1\nmodel name\t: other\n")
+        return compilation_cache.host_fingerprint(path)
+
+    reference = fingerprint("EPYC", "fpu avx2 avx512f", "2400.0")
+    assert len(reference) == 12
+    assert fingerprint("EPYC", "fpu avx2 avx512f", "3100.5") == reference
+    assert fingerprint("EPYC", "fpu avx2", "2400.0") != reference
+    assert fingerprint("Xeon", "fpu avx2 avx512f", "2400.0") != reference
 
 
 def test_a_cache_directory_the_user_gave_jax_wins(tmp_path, own_jax_cache_settings):
