@@ -59,6 +59,7 @@ from agents.sac import SAC, SACConfig
 from experiments import plain_jax_sac
 from experiments.hlo import compiled_products
 from rl.data import replay
+from rl.logging import write_result_record
 from rl.prng import threefry_lowering
 from rl.types import Transition
 from rl.update import SeedBatching, compile_updates
@@ -385,6 +386,7 @@ def main(args: Args) -> list[dict]:
             writer = csv.DictWriter(handle, fieldnames=["library", "mode", "seeds", "updates_per_s"])
             writer.writeheader()
             writer.writerows({**r, "updates_per_s": round(r["updates_per_s"], 1)} for r in rows)
+        write_result_record(args.out.with_name(f"{args.out.stem}_run.json"), args, ("sbx-rl", "stable-baselines3", "d3rlpy", "rejax", "torch"))
     return rows
 
 

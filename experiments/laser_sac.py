@@ -41,7 +41,7 @@ from agents.sac import SAC, SACConfig
 from envs.registry import make, make_jax
 from experiments.on_policy import agent_factory as on_policy_agent_factory
 from experiments.orbit_tbsac import write_csv
-from rl.logging import read_metrics
+from rl.logging import read_metrics, write_result_record
 from rl.loops import OnlineConfig, train_online
 from rl.rollouts import JaxEnvSpec, OnPolicyConfig, train_on_policy
 
@@ -394,6 +394,7 @@ def main(args: Args) -> list[dict]:
     write_csv(args.out_dir / f"{args.name}_steps.csv", step_rows)
     report = markdown(args, rows, (x_star, fwhm_star), goal, walls)
     (args.out_dir / f"{args.name}.md").write_text(report)
+    write_result_record(args.out_dir / f"{args.name}_run.json", args)
     plot(args, curves, step_rows, goal)
     print(report)
     return rows

@@ -34,6 +34,7 @@ from agents.loop import LOOP, LOOPConfig
 from agents.ppo import PPO, PPOConfig
 from envs import registry
 from experiments import presets
+from rl.logging import write_result_record
 from rl.rollouts import JaxEnvSpec, OnPolicyConfig, Rollout, train_on_policy
 
 AGENTS: dict[str, tuple[type, type]] = {"ppo": (PPO, PPOConfig), "loop": (LOOP, LOOPConfig)}
@@ -364,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     args = parser.parse_args(argv)
     rows = compare(args.envs, args.seeds, args.steps, args.out, args.run_root, args.evaluations, args.progress)
+    write_result_record(args.out / "on_policy_run.json", vars(args))
     print((args.out / "on_policy.md").read_text())
     print(f"wrote {args.out / 'on_policy.csv'} ({len(rows)} rows)")
 

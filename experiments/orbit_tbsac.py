@@ -46,6 +46,7 @@ from agents.sac import SAC, SACConfig
 from agents.tbsac import TBSAC, TBSACConfig, tbsac_online_config
 from envs.beam import expert_pseudo_inverse, svd_expert_action
 from envs.registry import make, make_jax
+from rl.logging import write_result_record
 from rl.loops import train_online
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -369,6 +370,7 @@ def main(args: Args) -> list[dict]:
         write_csv(args.out_dir / f"{args.name}_curves.csv", curves)
     report = markdown(args, rows, walls)
     (args.out_dir / f"{args.name}.md").write_text(report)
+    write_result_record(args.out_dir / f"{args.name}_run.json", args)
     plot(args, curves, rows)
     print(report)
     return rows

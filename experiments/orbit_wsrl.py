@@ -41,7 +41,7 @@ from experiments.offline_to_online import FinetuneSettings, PretrainSettings, Ru
 from experiments.orbit_tbsac import ENV_ID, EXPERT_GAIN, write_csv
 from rl.data import collect as collect_lib
 from rl.data import datasets
-from rl.logging import plot_runs, read_metrics
+from rl.logging import plot_runs, read_metrics, write_result_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -182,6 +182,7 @@ def main(args: Args) -> list[dict]:
     write_csv(args.out_dir / f"{args.name}.csv", rows)
     report = markdown(args, rows, behaviour_return, wall)
     (args.out_dir / f"{args.name}.md").write_text(report)
+    write_result_record(args.out_dir / f"{args.name}_run.json", args)
     print(report)
     return rows
 

@@ -57,6 +57,7 @@ from envs.solver import (
     sor_iterations_many,
     young_omega,
 )
+from rl.logging import write_result_record
 
 INSTANCE_SEEDS = {"high": 12345, "low": 54321}
 """numpy seeds of the two reference instance sequences (spec 7.2)."""
@@ -388,6 +389,7 @@ def main(args: Args | None = None) -> list[dict[str, Any]]:
         print(f"[{'pass' if passed else 'FAIL'}] {name}: {measured}")
     write_csv(args.out_dir / "solver_bandits.csv", rows)
     write_markdown(args.out_dir / "solver_bandits.md", args, rows, infos, checks)
+    write_result_record(args.out_dir / "solver_bandits_run.json", args)
     if args.plot:
         write_plot(args.out_dir / "solver_bandits.png", all_results)
     return rows

@@ -39,7 +39,7 @@ from agents.uni_o4 import UniO4Config, cpu_scale, train_uni_o4
 from envs import registry
 from rl import dynamics as dyn
 from rl.data import datasets
-from rl.logging import write_json_atomic
+from rl.logging import write_json_atomic, write_result_record
 
 ACCEPT_ONLINE_RATIO = 0.8
 """The online curve may never fall below this fraction of the offline score."""
@@ -309,6 +309,7 @@ def main(args: Args) -> dict[str, Any]:
     _write_csv(args.out_dir / "uni_o4_hopper_curves.csv", curve_rows)
     text = markdown(args, config, summary, rows, wall)
     (args.out_dir / "uni_o4_hopper.md").write_text(text)
+    write_result_record(args.out_dir / "uni_o4_hopper_run.json", args)
     plot(args.out_dir / "uni_o4_hopper.png", summary, rows)
     print(text)
     print(json.dumps({"wall_s": wall}))

@@ -77,7 +77,7 @@ from agents.sac import SAC, SACConfig
 from experiments import offline_to_online as o2o
 from rl.checkpoint import Checkpointer
 from rl.data import datasets
-from rl.logging import read_metrics, write_json_atomic
+from rl.logging import read_metrics, write_json_atomic, write_result_record
 from rl.loops import OfflineConfig, OnlineConfig, train_offline, train_online
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -612,6 +612,7 @@ def write_outputs(
     plot_curves(rows, args.out_dir / f"{args.name}.png", f"WSRL vs baselines, scale '{args.scale}', seeds {seeds}")
     lines = markdown_report(summarise(rows, scale.warmup_steps), args.scale, scale, scores, timings)
     (args.out_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    write_result_record(args.out_dir / f"{args.name}_run.json", args)
     return lines
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from rl.prng import unrolled_threefry
@@ -49,6 +50,57 @@ def package_versions(names: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str |
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The CPU's model name (Linux's ``cpuinfo``; elsewhere what ``platform`` reports)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_record(config: Any, packages: Iterable[str] = TRACKED_PACKAGES) -> dict[str, Any]:
+    """What decides a run's numbers, to store next to them: the config, git revision, package
+    versions, threefry lowering, Python, platform, CPU and JAX device, and the start time."""
+    device = jax.devices()[0]
+    return {
+        "config": config,
+        "git_revision": git_revision(),
+        "packages": package_versions(packages),
+        "threefry_unrolled_on_cpu": unrolled_threefry(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": {"model": cpu_model(), "count": os.cpu_count()},
+        "device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def result_record(settings: Any, extra_packages: Iterable[str] = ()) -> dict[str, Any]:
+    """A benchmark's :func:`run_record`: its settings as the config, the peer libraries in
+    ``extra_packages`` among the versions. Committed results must not name the machine's paths, so
+    every path in ``settings`` is kept by its last component and no command line is stored."""
+    return run_record(_path_names(settings), (*TRACKED_PACKAGES, *extra_packages))
+
+
+def write_result_record(path: Path, settings: Any, extra_packages: Iterable[str] = ()) -> None:
+    """Write :func:`result_record` to ``path`` (JSON, atomically)."""
+    write_json_atomic(Path(path), result_record(settings, extra_packages))
+
+
+def _path_names(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _path_names(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _path_names(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_path_names(v) for v in value]
+    return value.name if isinstance(value, Path) else value
 
 
 def to_jsonable(value: Any) -> Any:
@@ -95,16 +147,7 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.run_dir / METRICS_JSONL
         self.csv_path = self.run_dir / METRICS_CSV
-        record = {
-            "config": config,
-            "git_revision": git_revision(),
-            "packages": package_versions(),
-            "threefry_unrolled_on_cpu": unrolled_threefry(),
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "command": sys.argv,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        record = {**run_record(config), "command": sys.argv}
         write_json_atomic(self.run_dir / CONFIG_JSON, record)
         self.rows: list[dict[str, Any]] = []
         if resume_step is not None and self.jsonl_path.exists():
