@@ -386,7 +386,8 @@ def main(args: Args) -> list[dict]:
             writer = csv.DictWriter(handle, fieldnames=["library", "mode", "seeds", "updates_per_s"])
             writer.writeheader()
             writer.writerows({**r, "updates_per_s": round(r["updates_per_s"], 1)} for r in rows)
-        write_result_record(args.out.with_name(f"{args.out.stem}_run.json"), args, ("sbx-rl", "stable-baselines3", "d3rlpy", "rejax", "torch"))
+        peers = ("sbx-rl", "stable-baselines3", "d3rlpy", "rejax", "torch")
+        write_result_record(args.out.with_name(f"{args.out.stem}_run.json"), args, peers)
     return rows
 
 

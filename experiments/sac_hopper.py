@@ -25,8 +25,8 @@ import tyro
 
 from agents.sac import SAC, SACConfig
 from envs.registry import env_factory
-from rl.logging import result_record
 from rl.evaluation import episode_seed, run_episodes, summarise
+from rl.logging import result_record
 from rl.loops import EVAL_STREAM, OnlineConfig, train_online
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -169,11 +169,11 @@ def write_outputs(args: Args, rows: list[dict], walls: dict[str, float]) -> None
 
 
 def save_library(args: Args, library: str, rows: list[dict], wall_s: float) -> None:
-    """Store one library's evaluation rows and wall-clock as ``<name>_<library>.json``."""
+    """Store one library's evaluation rows, wall-clock and run record (the settings among it) as
+    ``<name>_<library>.json``."""
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {**dataclasses.asdict(args), "out_dir": args.out_dir.name}  # no machine paths in results
     peers = ("sbx-rl", "stable-baselines3", "torch") if library == "sbx" else ()
-    payload = {"library": library, "wall_s": wall_s, "args": settings, "record": result_record(args, peers), "rows": rows}
+    payload = {"library": library, "wall_s": wall_s, "record": result_record(args, peers), "rows": rows}
     (args.out_dir / f"{args.name}_{library}.json").write_text(json.dumps(payload, default=str, indent=1))
 
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -85,7 +85,7 @@ def result_record(settings: Any, extra_packages: Iterable[str] = ()) -> dict[str
     """A benchmark's :func:`run_record`: its settings as the config, the peer libraries in
     ``extra_packages`` among the versions. Committed results must not name the machine's paths, so
     every path in ``settings`` is kept by its last component and no command line is stored."""
-    return run_record(_path_names(settings), (*TRACKED_PACKAGES, *extra_packages))
+    return run_record(to_jsonable(settings, path_as=lambda path: path.name), (*TRACKED_PACKAGES, *extra_packages))
 
 
 def write_result_record(path: Path, settings: Any, extra_packages: Iterable[str] = ()) -> None:
@@ -93,26 +93,17 @@ def write_result_record(path: Path, settings: Any, extra_packages: Iterable[str]
     write_json_atomic(Path(path), result_record(settings, extra_packages))
 
 
-def _path_names(value: Any) -> Any:
+def to_jsonable(value: Any, path_as: Callable[[Path], str] = str) -> Any:
+    """Dataclasses, paths (written by ``path_as``), tuples and numpy scalars/arrays as plain JSON
+    values."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _path_names(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: to_jsonable(getattr(value, f.name), path_as) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
-        return {str(k): _path_names(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v, path_as) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_path_names(v) for v in value]
-    return value.name if isinstance(value, Path) else value
-
-
-def to_jsonable(value: Any) -> Any:
-    """Dataclasses, paths, tuples and numpy scalars/arrays as plain JSON values."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
+        return [to_jsonable(v, path_as) for v in value]
     if isinstance(value, Path):
-        return str(value)
+        return path_as(value)
     if isinstance(value, (np.generic, np.ndarray)):
         return np.asarray(value).tolist()
     if hasattr(value, "__array__"):
