@@ -2,9 +2,10 @@
 
 Every o2o run compiles its programs anew: a SAC update takes seconds to compile on the CPU, an
 offline-to-online run compiles a dozen programs, and a short run spends a good part of its time
-compiling (the quickstart's fine-tuning phase 5 of its 13 s). JAX can write each compiled executable to disk and load it in a later process
-instead of compiling the same program again (its persistent compilation cache); :func:`enable`
-turns that on with o2o's defaults. The ``o2o`` command calls it; library users call it themselves.
+compiling (the quickstart's fine-tuning phase 5 of its 13 s). JAX can write each compiled
+executable to disk and load it in a later process instead of compiling the same program again (its
+persistent compilation cache); :func:`enable` turns that on with o2o's defaults. The ``o2o`` command
+calls it; library users call it themselves.
 
 - Directory: ``$O2O_COMPILATION_CACHE`` if set, else ``$XDG_CACHE_HOME/o2o/xla`` (``~/.cache``
   when unset), in a subdirectory per jaxlib version and host CPU: XLA's CPU executables are built
@@ -38,6 +39,8 @@ import jax
 import jaxlib
 from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
+from rl.host import cpuinfo_lines
+
 ENVIRONMENT_VARIABLE = "O2O_COMPILATION_CACHE"
 """Names the cache directory, or turns the cache off with one of ``OFF_VALUES``."""
 OFF_VALUES = frozenset({"", "0", "off", "false", "no", "none"})
@@ -52,15 +55,7 @@ def host_fingerprint(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
     model and feature flags (Linux's ``cpuinfo``; elsewhere what ``platform`` reports). Clock
     speeds and other lines that change from moment to moment do not enter it."""
     description = [platform.system(), platform.machine(), platform.processor()]
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith(("model name", "flags", "Features", "CPU part")):
-                    description.append(line.strip())
-                if line.strip() == "":  # the first processor's block describes them all
-                    break
-    except OSError:
-        pass
+    description += cpuinfo_lines(("model name", "flags", "Features", "CPU part"), cpuinfo)
     return hashlib.sha256("\n".join(description).encode()).hexdigest()[:12]
 
 

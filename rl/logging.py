@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
+from rl.host import cpuinfo_lines
 from rl.prng import unrolled_threefry
 
 METRICS_JSONL = "metrics.jsonl"
@@ -54,13 +55,8 @@ def package_versions(names: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str |
 
 def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
     """The CPU's model name (Linux's ``cpuinfo``; elsewhere what ``platform`` reports)."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in cpuinfo_lines(("model name",), cpuinfo):
+        return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 
