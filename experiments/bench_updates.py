@@ -307,9 +307,11 @@ def sbx_cells(args: Args) -> list[Cell]:
 
     model = SBXSAC("MlpPolicy", _BoxEnv(), buffer_size=BUFFER, batch_size=BATCH, learning_starts=0,
                    policy_kwargs={"net_arch": [256, 256], "n_critics": 2}, seed=0, verbose=0)
-    from stable_baselines3.common.logger import configure
+    from stable_baselines3.common.logger import Logger
 
-    model.set_logger(configure(None, []))  # train() records learning rates to the logger
+    # train() records learning rates to the logger; SB3's configure() would also make an empty
+    # SB3-<time> directory in the system's temporary directory.
+    model.set_logger(Logger(folder=None, output_formats=[]))
     data = random_transitions(BUFFER)
     buffer = model.replay_buffer
     buffer.observations[:, 0] = data.observations

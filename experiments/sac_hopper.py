@@ -86,6 +86,7 @@ def run_sbx(args: Args, seed: int) -> tuple[list[dict], float]:
     """One SBX SAC seed with the same schedule and evaluation episodes; rows and wall-clock."""
     import gymnasium as gym
     from sbx import SAC as SBXSAC
+    from stable_baselines3.common.logger import Logger
 
     env = gym.make(args.env)
     model = SBXSAC(
@@ -104,6 +105,9 @@ def run_sbx(args: Args, seed: int) -> tuple[list[dict], float]:
         seed=seed,
         verbose=0,
     )
+    # Without a logger of its own every learn() call makes an empty SB3-<time> directory in the
+    # system's temporary directory (SB3's default logger); this one records nowhere.
+    model.set_logger(Logger(folder=None, output_formats=[]))
     eval_envs = [[gym.make(args.env) for _ in range(args.eval_episodes)]]
     rows, steps_done, eval_round = [], 0, 0
     start = time.perf_counter()
