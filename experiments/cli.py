@@ -21,7 +21,7 @@ from rl import compilation_cache
 from rl.checkpoint import CheckpointMismatch
 from rl.data.datasets import DatasetError, normalised_score, reference_scores
 from rl.loops import OnlineConfig, train_online
-from rl.rollouts import OnPolicyConfig
+from rl.rollouts import JaxEnvSpec, OnPolicyConfig
 
 OFF_POLICY_AGENTS = {"sac": SAC, "tbsac": TBSAC}
 
@@ -161,9 +161,12 @@ def train(args: TrainArgs) -> Path:
     observation_space, action_space = probe.observation_space, probe.action_space
     probe.close()
     seeds = list(range(args.seed, args.seed + args.num_seeds))
+    # o2o's own environments step on the device, a stretch of steps per compiled call.
+    jax_env = JaxEnvSpec(*registry.make_jax(args.env)) if args.env in registry.PROJECT_ENVS else None
     _, evaluations = train_online(
         create_agent=lambda key: agent_cls.create(key, observation_space, action_space, agent_config),
         make_env=make_env,
+        jax_env=jax_env,
         config=online,
         seeds=seeds,
         run_dir=run_dir,

@@ -2,8 +2,8 @@
 
 SAC follows the released TempoRL model of spec ``laser.md`` section 4.4 (discount 0.9, Adam 3e-4,
 batch 256, tau 0.005, automatic temperature, 2 x 256 ReLU, one gradient step per env step, learning
-from step 100), trained with ``rl.loops.train_online`` (seeds as a vmapped axis, the env stepped
-through its gymnasium face). LOOP (spec ``loop.md``) trains fully jitted on the environment's
+from step 100), trained with ``rl.loops.train_online`` (seeds as a vmapped axis; the training envs
+step on the device, a stretch of steps per compiled call, unless ``--env-loop host``). LOOP (spec ``loop.md``) trains fully jitted on the environment's
 functional core: each task is one reset seed, its K rollouts start from the same stretcher setting.
 
 After training, every seed's deterministic policy runs the same ``--final-episodes`` episodes on the
@@ -105,6 +105,9 @@ class Args:
     resume: bool = False
     """Continue the runs in ``--run-dir`` from their last checkpoints, e.g. with a larger
     ``--sac-steps`` (keep ``--sac-buffer-capacity`` as before); finished runs are only evaluated."""
+    env_loop: Literal["device", "host"] = "device"
+    """Where the training envs step: on the device, a stretch of steps per compiled call (the
+    env's functional core), or one step at a time through its gymnasium face on the host."""
 
 
 def env_kwargs(args: Args) -> dict[str, Any]:
@@ -203,7 +206,7 @@ def summary_rows(agent: str, seeds: list[int], traces: dict[str, np.ndarray], x_
 
 
 def train_sac(args: Args, run_root: Path) -> tuple[Any, list[dict], float]:
-    """SAC for all seeds at once on the gymnasium face; (agent, curve rows, seconds)."""
+    """SAC for all seeds at once; (agent, curve rows, seconds)."""
     make_env = lambda: make(ENV_ID, **env_kwargs(args))
     probe = make_env()
     config = args.sac
@@ -226,6 +229,7 @@ def train_sac(args: Args, run_root: Path) -> tuple[Any, list[dict], float]:
         run_config={"benchmark": dataclasses.asdict(args), "agent": config, "online": online},
         resume=args.resume,
         progress=False,
+        jax_env=JaxEnvSpec(*make_jax(ENV_ID, **env_kwargs(args))) if args.env_loop == "device" else None,
     )
     return agent, curve_rows("sac", run_root / "sac"), time.perf_counter() - start
 

@@ -1,6 +1,8 @@
 """TBSAC vs SAC on beam orbit correction (``o2o/OrbitCorrection-v0``), with the SVD expert beside.
 
-Both agents are trained online with ``rl.loops.train_online`` (seeds as a vmapped axis) on the
+Both agents are trained online with ``rl.loops.train_online`` (seeds as a vmapped axis; the
+training envs step on the device, a stretch of steps per compiled call, unless
+``--env-loop host``) on the
 TBSAC schedule of spec ``beam.md`` section 3: 20,000 steps, 500 uniform-random warm-up steps, a
 3,000-transition FIFO buffer, one gradient step per env step, Adam 2e-4, batch 256. SAC is the
 same agent with plain 256x256 MLPs on the same 30-D trend observation, so the comparison isolates
@@ -48,6 +50,7 @@ from envs.beam import expert_pseudo_inverse, svd_expert_action
 from envs.registry import make, make_jax
 from rl.logging import write_result_record
 from rl.loops import train_online
+from rl.rollouts import JaxEnvSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ENV_ID = "o2o/OrbitCorrection-v0"
@@ -96,6 +99,9 @@ class Args:
     """File name stem of the outputs."""
     run_dir: Path | None = None
     """Where training logs and checkpoints go (a temporary directory if not given)."""
+    env_loop: Literal["device", "host"] = "device"
+    """Where the training envs step: on the device, a stretch of steps per compiled call (the
+    env's functional core), or one step at a time through its gymnasium face on the host."""
 
 
 def agent_factory(agent_name: AgentName) -> tuple[Callable, SACConfig]:
@@ -233,6 +239,7 @@ def train(args: Args, agent_name: AgentName, lattice: TrainLattice, run_root: Pa
         run_dir=run_root / f"{agent_name}_{lattice}",
         run_config={"benchmark": dataclasses.asdict(args), "agent": config, "online": online},
         progress=False,
+        jax_env=JaxEnvSpec(*make_jax(ENV_ID, **LATTICES[lattice])) if args.env_loop == "device" else None,
     )
     wall = time.perf_counter() - start
     curves = [

@@ -5,19 +5,28 @@ Per environment step the host steps one env per seed and makes one or two jitted
 policy's actions, then (buffer add + ``updates_per_step`` scanned updates). Evaluation, logging
 and checkpoints happen between those calls.
 
+On a JAX-native environment (``jax_env``: its functional core) the training envs live on the
+device instead: every stretch of steps between two log, evaluation or checkpoint points is one
+jitted call that loops over the steps (act, step every seed's env with automatic resets, add to
+the buffer, update), so no step returns to Python. Evaluation still runs the gymnasium face that
+``make_env`` builds, with the same episodes as on the host path.
+
 Exact resume: a checkpoint holds agent, buffer, the step counter and, per env, the current
-episode's index and actions so far. Every key is derived from (seed, step) and every episode's
-reset seed from (seed, episode index), so a resumed run re-creates the env, replays the episode's
-actions to reach the same state, and continues bit-for-bit as the uninterrupted run would.
+episode's index and actions so far (host envs) or the env states themselves (device envs). Every
+key is derived from (seed, step) and every host episode's reset seed from (seed, episode index),
+so a resumed run re-creates the env, replays the episode's actions to reach the same state (or
+restores the device env states), and continues bit-for-bit as the uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+import flax.struct
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
@@ -28,10 +37,14 @@ from rl.checkpoint import Checkpointer
 from rl.data import replay
 from rl.evaluation import episode_seed, run_episodes
 from rl.logging import Progress, RunLogger
+from rl.rollouts import JaxEnvSpec, autoreset_step, trace_scope, unit_action_map
 from rl.types import Transition, transition_like
 from rl.update import SeedBatching, compile_updates, over_seeds, scan_updates
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1
+UPDATE_KEY_STREAM, ENV_KEY_STREAM, ENV_RESET_STREAM = 1, 2, 3
+"""Sub-streams of a step's key ``fold_in(loop_key, step)`` (whose own draws are the step's actions):
+the step's updates, its device env steps, and (at step 0) the device envs' first reset."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +197,31 @@ def _space_bounds(space: gym.Space) -> tuple[np.ndarray, np.ndarray]:
     return space.low.astype(np.float32), space.high.astype(np.float32)
 
 
+class EnvCarry(flax.struct.PyTreeNode):
+    """Every seed's device training env: its state, current observation and running return."""
+
+    state: Any
+    observations: jax.Array
+    episode_returns: jax.Array
+
+
+def _next_stop(step: int, config: OnlineConfig, stop_at: int | None) -> int:
+    """The first step after ``step`` where the loop must return to the host: a log, evaluation or
+    checkpoint point, the end of warm-up, the end of the run or ``stop_at``."""
+    stops = [config.total_steps, _next_multiple(step, config.log_interval), _next_multiple(step, config.eval_interval)]
+    if config.checkpoint_interval:
+        stops.append(_next_multiple(step, config.checkpoint_interval))
+    if step < config.warmup_steps:
+        stops.append(config.warmup_steps)
+    if stop_at is not None:
+        stops.append(max(stop_at, step + 1))
+    return min(stops)
+
+
+def _next_multiple(step: int, interval: int) -> int:
+    return (step // interval + 1) * interval
+
+
 def train_online(
     create_agent: Callable[[jax.Array], Any],
     make_env: Callable[[], gym.Env],
@@ -198,6 +236,7 @@ def train_online(
     stop_at: int | None = None,
     offline_source: replay.ReplayBuffer | None = None,
     offline_ratio: float = 0.0,
+    jax_env: JaxEnvSpec | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Run online training for every seed in ``seeds`` at once; returns the seed-stacked agent
     and the evaluation rows.
@@ -207,7 +246,9 @@ def train_online(
     normalised score for the logs. With ``offline_ratio > 0`` every update batch holds that
     fraction of rows from ``offline_source`` (one buffer shared by all seeds) and the rest from the
     online buffer; at 0 the offline data is never read. ``stop_at`` ends the call after that step without a final
-    checkpoint, exactly as a killed process would (used to test resume).
+    checkpoint, exactly as a killed process would (used to test resume). With ``jax_env`` (the
+    functional core of the env ``make_env`` builds) the training envs step on the device, a whole
+    stretch of steps per jitted call; ``make_env`` then only serves evaluation.
     """
     if not 0.0 <= offline_ratio <= 1.0:
         raise ValueError(f"offline_ratio must lie in [0, 1], got {offline_ratio}")
@@ -218,9 +259,10 @@ def train_online(
     root_keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
     agent_keys, loop_keys = jax.vmap(lambda k: jax.random.split(k))(root_keys).transpose(1, 0, 2)
 
-    train_envs = [EpisodeRunner(make_env(), int(s)) for s in seeds]
-    action_space = train_envs[0].env.action_space
-    observation_dim = int(np.prod(train_envs[0].env.observation_space.shape))
+    probe = make_env()
+    action_space, observation_space = probe.action_space, probe.observation_space
+    probe.close()
+    observation_dim = int(np.prod(observation_space.shape))
     low, high = _space_bounds(action_space)
 
     agent = initial_agent if initial_agent is not None else jax.jit(jax.vmap(create_agent))(agent_keys)
@@ -238,7 +280,7 @@ def train_online(
         return replay.sample_mixed(sources, (1.0 - offline_ratio, offline_ratio), key, batch_size)
 
     def updates(agent, buffer, key, step, offline):
-        update_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
+        update_key = jax.random.fold_in(jax.random.fold_in(key, step), UPDATE_KEY_STREAM)
         if offline_ratio > 0:
             return scan_updates(agent, (buffer, offline), update_key, config.updates_per_step, mixed_sample)
         return scan_updates(agent, buffer, update_key, config.updates_per_step)
@@ -250,26 +292,21 @@ def train_online(
         agent, metrics = over_seeds(updates, (0, 0, 0, None, None), config.seed_batching)(agent, buffer, key, step, offline)
         return agent, buffer, metrics
 
-    random_fn = jax.jit(jax.vmap(random_actions, in_axes=(0, None)))
-    policy_fn = jax.jit(jax.vmap(policy_actions, in_axes=(0, 0, 0, None)))
-    add_fn = jax.jit(jax.vmap(replay.add_one), donate_argnums=0)
-    train_fn = xla_cpu.jit(add_and_update, donate_argnums=(0, 1))
     offline = offline_source if offline_ratio > 0 else None
+    if jax_env is None:
+        envs: _HostEnvs | _DeviceEnvs = _HostEnvs(make_env, seeds, random_actions, policy_actions, add_and_update)
+    else:
+        action_map = device_action_map(jax_env, observation_space, action_space)
+        envs = _DeviceEnvs(jax_env, action_map, loop_keys, random_actions, policy_actions, add_and_update)
 
     checkpointer = Checkpointer(run_dir / "checkpoints")
     step, eval_round, elapsed_before = 0, 0, 0.0
-    finished_returns: list[list[float]] = [[] for _ in seeds]
     resume_step = checkpointer.latest_step() if resume else None
     if resume_step is not None:
-        state, host = checkpointer.restore({"agent": agent, "buffer": buffer}, resume_step, what=str(run_dir))
+        state, host = checkpointer.restore({"agent": agent, "buffer": buffer, **envs.state()}, resume_step, what=str(run_dir))
         agent, buffer = state["agent"], state["buffer"]
         step, eval_round, elapsed_before = int(host["step"]), int(host["eval_round"]), float(host["elapsed_s"])
-        finished_returns = host["finished_returns"]
-        for runner, snapshot in zip(train_envs, host["envs"]):
-            runner.restore(snapshot)
-    else:
-        for runner in train_envs:
-            runner.start_episode()
+        envs.restore(state, host)
     logger = RunLogger(run_dir, run_config, resume_step=resume_step)
     evaluate = Evaluator(make_env, seeds, config.eval_episodes, logger, score_fn, first_round=eval_round)
     bar = Progress(config.total_steps, "online", enabled=progress, completed=step)
@@ -283,37 +320,23 @@ def train_online(
             "step": step,
             "eval_round": evaluate.round,
             "elapsed_s": elapsed_before + time.perf_counter() - start_time,
-            "envs": [runner.snapshot() for runner in train_envs],
-            "finished_returns": finished_returns,
+            **envs.host_state(),
         }
-        checkpointer.save(step, {"agent": agent, "buffer": buffer}, host)
+        checkpointer.save(step, {"agent": agent, "buffer": buffer, **envs.state()}, host)
 
     last_score = evaluate(agent, step) if (config.eval_at_start and step == 0) else None
     try:
         while step < config.total_steps:
-            observations = np.stack([runner.observation for runner in train_envs])
-            if step < config.warmup_steps and config.warmup_actions == "random":
-                actions = random_fn(loop_keys, step)
-            else:
-                actions = policy_fn(agent, observations, loop_keys, step)
-            actions = np.asarray(actions)
-            fields = []
-            for index, runner in enumerate(train_envs):
-                transition_fields, finished = runner.step(actions[index])
-                fields.append(transition_fields)
-                if finished is not None:
-                    finished_returns[index].append(finished)
-            transition = _stack_transitions(fields)
-            if step < config.warmup_steps:
-                buffer = add_fn(buffer, transition)
-            else:
-                agent, buffer, metrics = train_fn(agent, buffer, transition, loop_keys, step, offline)
-            step += 1
+            stop = _next_stop(step, config, stop_at)
+            explore = step >= config.warmup_steps or config.warmup_actions == "policy"
+            learn = step >= config.warmup_steps
+            agent, buffer, chunk_metrics = envs.advance(agent, buffer, loop_keys, step, stop - step, explore, learn, offline)
+            metrics = chunk_metrics if chunk_metrics is not None else metrics
+            step = stop
 
             if step % config.log_interval == 0:
                 rate = (step - start_step) / max(time.perf_counter() - start_time, 1e-9)
-                _log_training(logger, step, seeds, metrics, finished_returns, rate)
-                finished_returns = [[] for _ in seeds]
+                _log_training(logger, step, seeds, metrics, envs.take_finished_returns(), rate)
                 bar.update(step, rate, last_score, phase="warmup" if step <= config.warmup_steps else "online")
             if step % config.eval_interval == 0 or step == config.total_steps:
                 last_score = evaluate(agent, step)
@@ -328,20 +351,195 @@ def train_online(
     return agent, evaluate.rows
 
 
+def device_action_map(jax_env: JaxEnvSpec, observation_space: gym.Space, action_space: gym.Space) -> Callable[[jax.Array], jax.Array]:
+    """How the agent's actions (in ``action_space``, that of the env ``make_env`` builds) become the
+    functional core's: clipped to [-1, 1] and mapped affinely onto the core's bounds when
+    ``make_env``'s Box is [-1, 1] (as :class:`envs.wrappers.RescaleToUnit` does), unchanged when
+    the two spaces are otherwise equal. Any other
+    difference means ``make_env`` wraps the core in a way the device loop cannot reproduce."""
+    core_observations = jax_env.core.observation_space(jax_env.params)
+    core_actions = jax_env.core.action_space(jax_env.params)
+    if core_observations.shape != observation_space.shape:
+        raise ValueError(f"jax_env: the core's observation space {core_observations} differs from make_env's {observation_space}")
+    unit_face = (
+        isinstance(core_actions, gym.spaces.Box)
+        and isinstance(action_space, gym.spaces.Box)
+        and core_actions.shape == action_space.shape
+        and np.all(action_space.low == -1.0)
+        and np.all(action_space.high == 1.0)
+    )
+    if unit_face:
+        return unit_action_map(core_actions)
+    if core_actions == action_space:
+        return lambda actions: actions
+    raise ValueError(f"jax_env: the core's action space {core_actions} differs from make_env's {action_space}")
+
+
+class _HostEnvs:
+    """One gymnasium training env per seed, stepped on the host: one or two jitted calls per step."""
+
+    def __init__(self, make_env, seeds, random_actions, policy_actions, add_and_update) -> None:
+        self.runners = [EpisodeRunner(make_env(), int(s)) for s in seeds]
+        self.finished_returns: list[list[float]] = [[] for _ in seeds]
+        self._random = jax.jit(jax.vmap(random_actions, in_axes=(0, None)))
+        self._policy = jax.jit(jax.vmap(policy_actions, in_axes=(0, 0, 0, None)))
+        self._add = jax.jit(jax.vmap(replay.add_one), donate_argnums=0)
+        self._train = xla_cpu.jit(add_and_update, donate_argnums=(0, 1))
+        for runner in self.runners:
+            runner.start_episode()
+
+    def state(self) -> dict[str, Any]:
+        """Device arrays of the envs to checkpoint (none: host envs are rebuilt from the host state)."""
+        return {}
+
+    def host_state(self) -> dict[str, Any]:
+        """JSON-able state that rebuilds the envs on resume."""
+        return {"envs": [runner.snapshot() for runner in self.runners], "finished_returns": self.finished_returns}
+
+    def restore(self, state: dict[str, Any], host: dict[str, Any]) -> None:
+        """Rebuild every env's current episode from a checkpoint's host state."""
+        self.finished_returns = host["finished_returns"]
+        for runner, snapshot in zip(self.runners, host["envs"]):
+            runner.restore(snapshot)
+
+    def advance(self, agent, buffer, loop_keys, step: int, count: int, explore: bool, learn: bool, offline):
+        """Run ``count`` steps one by one; returns agent, buffer and the last update's metrics."""
+        metrics = None
+        for current in range(step, step + count):
+            observations = np.stack([runner.observation for runner in self.runners])
+            actions = self._policy(agent, observations, loop_keys, current) if explore else self._random(loop_keys, current)
+            actions = np.asarray(actions)
+            fields = []
+            for index, runner in enumerate(self.runners):
+                transition_fields, finished = runner.step(actions[index])
+                fields.append(transition_fields)
+                if finished is not None:
+                    self.finished_returns[index].append(finished)
+            transition = _stack_transitions(fields)
+            if learn:
+                agent, buffer, metrics = self._train(agent, buffer, transition, loop_keys, current, offline)
+            else:
+                buffer = self._add(buffer, transition)
+        return agent, buffer, metrics
+
+    def take_finished_returns(self) -> list[float | None]:
+        """Mean return of the episodes each seed finished since the last call (None if none)."""
+        means = [float(np.mean(returns)) if returns else None for returns in self.finished_returns]
+        self.finished_returns = [[] for _ in self.runners]
+        return means
+
+
+class _DeviceEnvs:
+    """Every seed's training env as a JAX-native core on the device: a stretch of steps (act, env
+    step with automatic reset, buffer add, update) is one jitted call looping over the steps."""
+
+    def __init__(self, jax_env: JaxEnvSpec, action_map, loop_keys, random_actions, policy_actions, add_and_update) -> None:
+        self.core, self.params, self._action_map = jax_env.core, jax_env.params, action_map
+        self._random, self._policy, self._add_and_update = random_actions, policy_actions, add_and_update
+        self._chunks: dict[tuple[bool, bool], Any] = {}
+        reset_keys = jax.vmap(lambda key: jax.random.fold_in(jax.random.fold_in(key, 0), ENV_RESET_STREAM))(loop_keys)
+        with trace_scope(self.core):
+            observations, env_state = jax.jit(jax.vmap(self.core.reset, in_axes=(0, None)))(reset_keys, self.params)
+        self.carry = EnvCarry(env_state, observations.astype(jnp.float32), jnp.zeros(len(loop_keys), jnp.float32))
+        self.return_sums = np.zeros(len(loop_keys))
+        self.episode_counts = np.zeros(len(loop_keys), np.int64)
+
+    def state(self) -> dict[str, Any]:
+        """The env states, observations and running returns, checkpointed with the agent."""
+        return {"envs": self.carry}
+
+    def host_state(self) -> dict[str, Any]:
+        """Returns of the episodes finished since the last log, per seed."""
+        return {"episode_return_sums": self.return_sums.tolist(), "episode_counts": self.episode_counts.tolist()}
+
+    def restore(self, state: dict[str, Any], host: dict[str, Any]) -> None:
+        """Take the env states and the finished-episode sums from a checkpoint."""
+        self.carry = state["envs"]
+        self.return_sums = np.asarray(host["episode_return_sums"], np.float64)
+        self.episode_counts = np.asarray(host["episode_counts"], np.int64)
+
+    def advance(self, agent, buffer, loop_keys, step: int, count: int, explore: bool, learn: bool, offline):
+        """Run ``count`` steps in one jitted call; returns agent, buffer and the last update's metrics."""
+        chunk = self._chunks.get((explore, learn))
+        if chunk is None:
+            chunk = xla_cpu.jit(functools.partial(self._chunk, explore=explore, learn=learn), donate_argnums=(0, 1, 2))
+            self._chunks[(explore, learn)] = chunk
+        with trace_scope(self.core):
+            agent, buffer, self.carry, sums, counts, metrics = chunk(
+                agent, buffer, self.carry, loop_keys, jnp.int32(step), jnp.int32(count), offline, self.params
+            )
+        sums, counts = jax.device_get((sums, counts))
+        self.return_sums += sums
+        self.episode_counts += counts
+        return agent, buffer, metrics if learn else None
+
+    def take_finished_returns(self) -> list[float | None]:
+        """Mean return of the episodes each seed finished since the last call (None if none)."""
+        means = [float(total / count) if count else None for total, count in zip(self.return_sums, self.episode_counts)]
+        self.return_sums = np.zeros_like(self.return_sums)
+        self.episode_counts = np.zeros_like(self.episode_counts)
+        return means
+
+    def _chunk(self, agent, buffer, carry: EnvCarry, loop_keys, start, count, offline, params, *, explore: bool, learn: bool):
+        num_seeds = carry.observations.shape[0]
+        step_envs = jax.vmap(functools.partial(autoreset_step, self.core), in_axes=(0, 0, 0, None))
+
+        def one_step(agent, buffer, carry: EnvCarry, step):
+            if explore:
+                actions = jax.vmap(self._policy, in_axes=(0, 0, 0, None))(agent, carry.observations, loop_keys, step)
+            else:
+                actions = jax.vmap(self._random, in_axes=(0, None))(loop_keys, step)
+            env_keys = jax.vmap(lambda key: jax.random.fold_in(jax.random.fold_in(key, step), ENV_KEY_STREAM))(loop_keys)
+            result, final_observations = step_envs(env_keys, carry.state, self._action_map(actions), params)
+            transition = Transition(
+                observations=carry.observations,
+                actions=actions.astype(jnp.float32),
+                rewards=result.reward.astype(jnp.float32),
+                next_observations=final_observations.astype(jnp.float32),
+                terminated=result.terminated,
+                truncated=result.truncated,
+            )
+            done = jnp.logical_or(result.terminated, result.truncated)
+            returns = carry.episode_returns + transition.rewards
+            finished = (jnp.where(done, returns, 0.0), done.astype(jnp.int32))
+            carry = EnvCarry(result.state, result.obs.astype(jnp.float32), jnp.where(done, 0.0, returns))
+            if learn:
+                agent, buffer, metrics = self._add_and_update(agent, buffer, transition, loop_keys, step, offline)
+            else:
+                buffer, metrics = jax.vmap(replay.add_one)(buffer, transition), {}
+            return agent, buffer, carry, finished, metrics
+
+        def body(index, loop_carry):
+            agent, buffer, carry, sums, counts, _ = loop_carry
+            agent, buffer, carry, (returns, ended), metrics = one_step(agent, buffer, carry, start + index)
+            return agent, buffer, carry, sums + returns, counts + ended, metrics
+
+        metrics_shape = jax.eval_shape(lambda: one_step(agent, buffer, carry, start)[-1])
+        initial = (
+            agent,
+            buffer,
+            carry,
+            jnp.zeros(num_seeds, jnp.float32),
+            jnp.zeros(num_seeds, jnp.int32),
+            jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), metrics_shape),
+        )
+        return jax.lax.fori_loop(0, count, body, initial)
+
+
 def _log_training(
     logger: RunLogger,
     step: int,
     seeds: Sequence[int],
     metrics: dict[str, jax.Array] | None,
-    finished_returns: list[list[float]],
+    episode_returns: Sequence[float | None],
     steps_per_second: float,
     phase: str = "train",
 ) -> None:
     host_metrics = jax.device_get(metrics) if metrics is not None else {}
     for index, seed in enumerate(seeds):
         row: dict[str, Any] = {"step": step, "seed": int(seed), "phase": phase, "steps_per_s": steps_per_second}
-        if finished_returns[index]:
-            row["episode_return"] = float(np.mean(finished_returns[index]))
+        if episode_returns[index] is not None:
+            row["episode_return"] = episode_returns[index]
         row.update({name: float(values[index]) for name, values in host_metrics.items()})
         logger.log(row)
 
@@ -430,7 +628,7 @@ def train_offline(
             step = stop
             rate = (step - start_step) / max(time.perf_counter() - start_time, 1e-9)
             if step % config.log_interval == 0 or step == config.num_steps:
-                _log_training(logger, step, seeds, metrics, [[] for _ in seeds], rate, phase="offline")
+                _log_training(logger, step, seeds, metrics, [None for _ in seeds], rate, phase="offline")
             if evaluate is not None and (step % config.eval_interval == 0 or step == config.num_steps):
                 last_score = evaluate(agent, step, phase="offline_eval")
             if step == config.num_steps or (config.checkpoint_interval and step % config.checkpoint_interval == 0):

@@ -181,7 +181,7 @@ def init_segment_runner(env: Any, params: Any, key: jax.Array, num_envs: int) ->
     return SegmentRunner(state, observations.astype(jnp.float32), jnp.zeros((num_envs,), jnp.float32))
 
 
-def _step_autoreset(env: Any, key: jax.Array, state: Any, action: jax.Array, params: Any):
+def autoreset_step(env: Any, key: jax.Array, state: Any, action: jax.Array, params: Any):
     """Step, then reset where the episode ended; returns (result with post-reset obs/state, true
     final observation). The same semantics as ``envs.jax_env.step_autoreset``, written against the
     bare ``reset``/``step`` protocol because ``rl`` does not import ``envs`` (DESIGN.md layering)."""
@@ -205,7 +205,7 @@ def collect_segments(
 ) -> tuple[SegmentRunner, Rollout, dict[str, jax.Array]]:
     """``num_steps`` autoreset steps of every env (``lax.scan`` over time, ``vmap`` over envs)."""
     num_envs = runner.observations.shape[0]
-    step_env = jax.vmap(partial(_step_autoreset, env), in_axes=(0, 0, 0, None))
+    step_env = jax.vmap(partial(autoreset_step, env), in_axes=(0, 0, 0, None))
 
     def step(runner: SegmentRunner, step_key):
         action_key, env_key = jax.random.split(step_key)
@@ -662,7 +662,7 @@ class _ByIdentity:
         return isinstance(other, _ByIdentity) and other.value is self.value
 
 
-def _trace_scope(core: Any) -> contextlib.AbstractContextManager:
+def trace_scope(core: Any) -> contextlib.AbstractContextManager:
     """The env core's :meth:`envs.jax_env.JaxEnv.trace_scope` (nothing for cores without one)."""
     scope = getattr(core, "trace_scope", None)
     return contextlib.nullcontext() if scope is None else scope()
@@ -794,7 +794,7 @@ class _JaxBackend:
         self.bounds = _space_bounds(jax_env.core.action_space(jax_env.params))
         self.runner = None
         if spec.mode == "segments":
-            with _trace_scope(jax_env.core):
+            with trace_scope(jax_env.core):
                 self.runner = _init_runners(runner_keys, self.params, core=self.core, num_envs=spec.num_envs)
 
     def state(self) -> dict[str, Any]:
@@ -805,7 +805,7 @@ class _JaxBackend:
             self.runner = state["runner"]
 
     def iterate(self, agent, iteration: int, active: np.ndarray):
-        with _trace_scope(self.core.value):
+        with trace_scope(self.core.value):
             return self._iterate(agent, iteration, active)
 
     def _iterate(self, agent, iteration: int, active: np.ndarray):
@@ -833,7 +833,7 @@ class _JaxBackend:
         keys = jnp.stack(
             [jnp.stack([jax.random.PRNGKey(s) for s in eval_seeds(self.seeds[i], int(r), episodes)]) for i, r in zip(indices, rounds)]
         )
-        with _trace_scope(self.core.value):
+        with trace_scope(self.core.value):
             return np.asarray(_evaluate_groups(sub_agent, keys, self.params, self.bounds, core=self.core, cap=self.cap))
 
     def close(self) -> None:

@@ -34,6 +34,25 @@ def test_train_records_config_revision_versions_and_metrics(tmp_path, capsys):
     assert "final evaluation return" in capsys.readouterr().out
 
 
+def test_off_policy_training_on_an_o2o_env_steps_its_jax_core_on_the_device(tmp_path, monkeypatch):
+    import experiments.cli as cli
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["jax_env"] = kwargs.get("jax_env")
+        return cli_train_online(*args, **kwargs)
+
+    cli_train_online = cli.train_online
+    monkeypatch.setattr(cli, "train_online", spy)
+    run_dir = tmp_path / "run"
+    main(["train", "--env", "o2o/OrbitCorrection-v0", "--steps", "200", "--run-dir", str(run_dir), *QUICK])
+    assert type(seen["jax_env"].core).__name__ == "OrbitCorrectionCore"
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows if r["phase"] == "eval"] == [200]
+    assert all("episode_return" in r for r in rows if r["phase"] == "train")
+
+
 def test_plot_writes_a_png_of_the_runs(tmp_path):
     run_dir = tmp_path / "run"
     main(["train", "--steps", "200", "--num-seeds", "2", "--run-dir", str(run_dir), *QUICK])

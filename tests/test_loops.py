@@ -1,16 +1,19 @@
-"""The online loop: warm-up, determinism, exact resume, seeds looped or vmapped, offline loop."""
+"""The online loop: warm-up, determinism, exact resume, seeds looped or vmapped, offline loop, and
+training envs stepped on the device for JAX-native environments."""
 
 import dataclasses
 
+import gymnasium as gym
 import jax
 import numpy as np
 import pytest
 
 from agents.sac import SAC, SACConfig
-from envs.registry import env_factory
+from envs.registry import env_factory, make_jax
 from rl.data import replay
-from rl.loops import OfflineConfig, OnlineConfig, train_offline, train_online
+from rl.loops import OfflineConfig, OnlineConfig, device_action_map, train_offline, train_online
 from rl.logging import read_metrics
+from rl.rollouts import JaxEnvSpec
 
 SMALL = SACConfig(actor_hidden_dims=(32, 32), critic_hidden_dims=(32, 32), batch_size=32)
 MAKE_ENV = env_factory("Pendulum-v1", rescale_actions=True)
@@ -88,3 +91,63 @@ def test_nonsensical_schedule_values_are_rejected():
         OnlineConfig(eval_episodes=0)
     with pytest.raises(ValueError, match="offline_ratio"):
         train_online(create, MAKE_ENV, SCHEDULE, [0], "unused", offline_ratio=1.5)
+
+
+ORBIT = "o2o/OrbitCorrection-v0"
+SHORT_EPISODES = {"max_steps": 12}
+DEVICE_SCHEDULE = OnlineConfig(total_steps=300, warmup_steps=60, eval_interval=150, eval_episodes=2, log_interval=50, checkpoint_interval=100)
+
+
+def run_on_device(run_dir, config=DEVICE_SCHEDULE, **kwargs):
+    make_env = env_factory(ORBIT, rescale_actions=True, **SHORT_EPISODES)
+    spaces = make_env()
+    agent, _ = train_online(
+        lambda key: SAC.create(key, spaces.observation_space, spaces.action_space, SMALL),
+        make_env,
+        config,
+        [0, 1],
+        run_dir,
+        progress=False,
+        jax_env=JaxEnvSpec(*make_jax(ORBIT, **SHORT_EPISODES)),
+        **kwargs,
+    )
+    return agent, [{k: v for k, v in row.items() if k not in TIMING} for row in read_metrics(run_dir)]
+
+
+def test_device_envs_resume_exactly_and_log_finished_episodes(tmp_path):
+    reference_agent, reference = run_on_device(tmp_path / "full")
+    # Killed at step 230, after the checkpoint at 200 and past an evaluation at 150.
+    run_on_device(tmp_path / "split", stop_at=230)
+    resumed_agent, resumed = run_on_device(tmp_path / "split", resume=True)
+    assert resumed == reference
+    for x, y in zip(jax.tree.leaves(resumed_agent), jax.tree.leaves(reference_agent)):
+        np.testing.assert_array_equal(x, y)
+    train_rows = [row for row in reference if row["phase"] == "train"]
+    # Every 50-step window holds at least four whole 12-step episodes per seed.
+    assert len(train_rows) == 2 * 6 and all(np.isfinite(row["episode_return"]) for row in train_rows)
+    assert [row["step"] for row in reference if "eval_return" in row] == [150, 150, 300, 300]
+    assert all("critic_loss" in row for row in train_rows if row["step"] > DEVICE_SCHEDULE.warmup_steps)
+
+
+class _BoxCore:
+    """Just the spaces of a functional core, for the action-map checks."""
+
+    def observation_space(self, params):
+        return gym.spaces.Box(-np.inf, np.inf, (4,))
+
+    def action_space(self, params):
+        return gym.spaces.Box(np.array([0.0, -3.0], np.float32), np.array([2.0, 5.0], np.float32))
+
+
+def test_device_action_map_follows_a_unit_rescale_and_rejects_other_wrappers():
+    jax_env = JaxEnvSpec(_BoxCore(), None)
+    observations, bounds = jax_env.core.observation_space(None), jax_env.core.action_space(None)
+    to_core = device_action_map(jax_env, observations, gym.spaces.Box(-1.0, 1.0, (2,)))
+    np.testing.assert_allclose(to_core(np.array([-1.0, 1.0], np.float32)), [0.0, 5.0])
+    np.testing.assert_allclose(to_core(np.array([0.0, 0.5], np.float32)), [1.0, 3.0])
+    np.testing.assert_allclose(to_core(np.array([-2.0, 7.0], np.float32)), [0.0, 5.0])  # clipped, as RescaleToUnit
+    np.testing.assert_array_equal(device_action_map(jax_env, observations, bounds)(np.array([2.0, -3.0])), [2.0, -3.0])
+    with pytest.raises(ValueError, match="action space"):
+        device_action_map(jax_env, observations, gym.spaces.Box(0.0, 1.0, (2,)))
+    with pytest.raises(ValueError, match="observation space"):
+        device_action_map(jax_env, gym.spaces.Box(-1.0, 1.0, (3,)), bounds)
