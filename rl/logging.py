@@ -27,15 +27,24 @@ CONFIG_JSON = "config.json"
 TRACKED_PACKAGES = ("o2o", "jax", "jaxlib", "flax", "optax", "distrax", "gymnasium", "mujoco", "orbax-checkpoint", "numpy")
 
 
-def git_revision() -> str | None:
-    """The git commit of the source tree (with ``-dirty`` if modified), or None outside git."""
-    source = Path(__file__).resolve().parent
+RESULTS_DIR = "experiments/results"
+"""Where the benchmark scripts write their outputs, inside the repository."""
+
+
+def git_revision(source: Path | None = None) -> str | None:
+    """The git commit of the repository holding ``source`` (default: o2o's source tree), with
+    ``-dirty`` if a tracked file is modified, or None outside git.
+
+    Changes under :data:`RESULTS_DIR` do not count: a benchmark that rewrites its committed
+    outputs there has not changed the code that produced them."""
+    source = source or Path(__file__).resolve().parent
     try:
         revision = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=source, capture_output=True, text=True, timeout=5
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", f":(top,exclude){RESULTS_DIR}"],
+            cwd=source, capture_output=True, text=True, timeout=5,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None

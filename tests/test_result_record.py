@@ -3,9 +3,10 @@ peers'), CPU and device, but no path of the machine that produced them."""
 
 import dataclasses
 import json
+import subprocess
 from pathlib import Path
 
-from rl.logging import result_record
+from rl.logging import git_revision, result_record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,3 +37,22 @@ def test_a_benchmark_writes_its_record_beside_its_outputs(tmp_path):
     record = json.loads((tmp_path / "solver_bandits_run.json").read_text())
     assert record["config"]["T"] == 20 and record["config"]["out_dir"] == tmp_path.name
     assert (tmp_path / "solver_bandits.csv").exists()
+
+
+def test_revision_is_dirty_for_changed_code_but_not_for_rewritten_results(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=o2o", "-c", "user.email=o2o@example.org", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "rl").mkdir()
+    (tmp_path / "experiments" / "results").mkdir(parents=True)
+    (tmp_path / "rl" / "code.py").write_text("x = 1\n")
+    (tmp_path / "experiments" / "results" / "table.csv").write_text("a,b\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    clean = git_revision(tmp_path / "rl")
+    assert clean is not None and len(clean) == 40
+    (tmp_path / "experiments" / "results" / "table.csv").write_text("a,b\n1,2\n")
+    assert git_revision(tmp_path / "rl") == clean
+    (tmp_path / "rl" / "code.py").write_text("x = 2\n")
+    assert git_revision(tmp_path / "rl") == clean + "-dirty"
