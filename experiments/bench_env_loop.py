@@ -13,13 +13,14 @@ replay buffer of ``--short`` transitions. Rows:
   ``jax.vmap``) on the same functional core behind a gymnax-style adapter (gymnax ends an episode
   with ``done``, so rejax does not bootstrap at truncation; the work per step is the same).
 
-Every row is environment steps per second summed over seeds, taken from two runs of different
-length: ``(long - short) / (time of long run - time of short run)``. Compilation, set-up, the
-warm-up and the final evaluation (o2o: one deterministic episode per seed; rejax: its evaluation
-callback, replaced by a no-op) are the same in both runs and cancel, so the rate is that of
-learning steps alone. Each row reports the median of ``--repeats`` such pairs, and the rows of
-one environment and seed count take turns pair by pair, so a change in the machine's speed
-during the run reaches them alike. rejax is compiled with JAX's default threefry lowering, as its users get it.
+Every row is learning steps per second summed over seeds, between step ``--short`` and step
+``--long`` of a run, so compilation, set-up, the warm-up and the final evaluation are left out:
+o2o's rate is read from the run's own log (its rows at both steps carry the cumulative
+``steps_per_s`` from the loop's start, which gives the time between them), rejax's from two
+compiled runs of ``--short`` and ``--long`` steps, ``(long - short) / (time of long run - time of
+short run)``, its evaluation callback replaced by a no-op. Each row reports the median of
+``--repeats`` measurements, and the rows of one environment and seed count take turns, so a
+change in the machine's speed during the run reaches them alike. rejax is compiled with JAX's default threefry lowering, as its users get it.
 rejax comes with the ``bench`` extra; without it its rows are reported and skipped.
 
     python -m experiments.bench_env_loop --out experiments/results/bench_env_loop.csv
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import statistics
 import tempfile
 import time
@@ -42,7 +44,7 @@ import tyro
 
 from agents.sac import SAC, SACConfig
 from envs.registry import env_factory, make_jax
-from rl.logging import write_result_record
+from rl.logging import read_metrics, write_result_record
 from rl.loops import OnlineConfig, train_online
 from rl.prng import threefry_lowering
 from rl.rollouts import JaxEnvSpec, autoreset_step, trace_scope
@@ -61,10 +63,10 @@ class Args:
     warmup: int = 500
     """Uniform-random steps before learning starts (at least the batch size: rejax samples its
     first batch without replacement)."""
-    short: int = 2_000
-    """Environment steps of the shorter run (also the replay capacity)."""
-    long: int = 5_000
-    """Environment steps of the longer run."""
+    short: int = 1_500
+    """Step from which the rate is measured (also the replay capacity)."""
+    long: int = 4_000
+    """Step up to which the rate is measured (the run's length)."""
     repeats: int = 3
     """Pairs of runs per row (the row reports their median rate)."""
     out: Path | None = None
@@ -75,26 +77,29 @@ SAC_SETTINGS = SACConfig()
 """o2o's SAC defaults: 2 critics, 256 x 256, batch 256, Adam 3e-4, tau 0.005, gamma 0.99."""
 
 
-def o2o_runner(env_id: str, num_seeds: int, on_device: bool, args: Args) -> Callable[[int], float]:
-    """A function that trains o2o's SAC for a number of steps and returns the seconds it took."""
+def o2o_runner(env_id: str, num_seeds: int, on_device: bool, args: Args) -> Callable[[], float]:
+    """A function that trains o2o's SAC for ``args.long`` steps and returns its learning steps
+    per second (summed over seeds) between steps ``args.short`` and ``args.long``."""
     make_env = env_factory(env_id, rescale_actions=True)
     probe = make_env()
     jax_env = JaxEnvSpec(*make_jax(env_id)) if on_device else None
+    schedule = OnlineConfig(
+        total_steps=args.long, warmup_steps=args.warmup, buffer_capacity=args.short,
+        eval_interval=args.long, eval_episodes=1, log_interval=math.gcd(args.warmup, args.short, args.long),
+    )
 
-    def run(steps: int) -> float:
-        schedule = OnlineConfig(
-            total_steps=steps, warmup_steps=args.warmup, buffer_capacity=args.short,
-            eval_interval=steps, eval_episodes=1, log_interval=steps,
-        )
+    def measure() -> float:
         with tempfile.TemporaryDirectory() as run_dir:
-            start = time.perf_counter()
             train_online(
                 lambda key: SAC.create(key, probe.observation_space, probe.action_space, SAC_SETTINGS),
                 make_env, schedule, list(range(num_seeds)), run_dir, progress=False, jax_env=jax_env,
             )
-            return time.perf_counter() - start
+            # Each row's steps_per_s is steps / seconds since the loop started.
+            rates = {row["step"]: row["steps_per_s"] for row in read_metrics(Path(run_dir)) if row["phase"] == "train"}
+        seconds = args.long / rates[args.long] - args.short / rates[args.short]
+        return num_seeds * (args.long - args.short) / seconds
 
-    return run
+    return measure
 
 
 class GymnaxParams(flax.struct.PyTreeNode):
@@ -132,15 +137,15 @@ class GymnaxFace:
         return self.core.action_space(params.core)
 
 
-def rejax_runner(env_id: str, num_seeds: int, args: Args) -> Callable[[int], float]:
-    """A function that trains rejax's SAC (same settings) for a number of steps, compiled first,
-    and returns the seconds the compiled program took."""
+def rejax_runner(env_id: str, num_seeds: int, args: Args) -> Callable[[], float]:
+    """A function that times rejax's SAC (same settings), compiled first, for ``args.short`` and
+    ``args.long`` steps and returns its learning steps per second summed over seeds."""
     from rejax import SAC as RejaxSAC
 
     core, params = make_jax(env_id)
     face = GymnaxFace(core, params)
 
-    def run(steps: int) -> float:
+    def seconds(steps: int) -> float:
         algo = RejaxSAC.create(
             env=face, env_params=face.default_params, total_timesteps=steps, eval_freq=steps,
             skip_initial_evaluation=True, num_envs=1, buffer_size=args.short, fill_buffer=args.warmup,
@@ -156,27 +161,24 @@ def rejax_runner(env_id: str, num_seeds: int, args: Args) -> Callable[[int], flo
             jax.block_until_ready(train(keys))
         return time.perf_counter() - start
 
-    return run
+    def measure() -> float:
+        return num_seeds * (args.long - args.short) / max(seconds(args.long) - seconds(args.short), 1e-9)
+
+    return measure
 
 
-def steps_per_second(run: Callable[[int], float], args: Args, num_seeds: int) -> float:
-    """Learning steps per second summed over seeds, from a short and a long run."""
-    short, long = run(args.short), run(args.long)
-    return num_seeds * (args.long - args.short) / max(long - short, 1e-9)
-
-
-def interleaved_rates(made: dict[str, Callable[[int], float]], args: Args, num_seeds: int) -> dict[str, float]:
-    """Median rate of each row over ``args.repeats`` pairs of runs, the rows taking turns."""
+def interleaved_rates(made: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Median rate of each row over ``repeats`` measurements, the rows taking turns."""
     rates: dict[str, list[float]] = {name: [] for name in made}
-    for _ in range(args.repeats):
-        for name, run in made.items():
-            rates[name].append(steps_per_second(run, args, num_seeds))
+    for _ in range(repeats):
+        for name, measure in made.items():
+            rates[name].append(measure())
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
-def runners(env_id: str, num_seeds: int, args: Args) -> dict[str, Callable[[int], float]]:
+def runners(env_id: str, num_seeds: int, args: Args) -> dict[str, Callable[[], float]]:
     """The rows' training functions for one environment and seed count."""
-    made: dict[str, Callable[[int], float]] = {}
+    made: dict[str, Callable[[], float]] = {}
     if "o2o-host" in args.libraries:
         made["o2o-host"] = o2o_runner(env_id, num_seeds, on_device=False, args=args)
     if "o2o-device" in args.libraries:
@@ -199,7 +201,7 @@ def main(args: Args) -> list[dict]:
     rows = []
     for env_id in args.envs:
         for num_seeds in args.seeds:
-            for name, rate in interleaved_rates(runners(env_id, num_seeds, args), args, num_seeds).items():
+            for name, rate in interleaved_rates(runners(env_id, num_seeds, args), args.repeats).items():
                 library, mode = name.split("-") if name.startswith("o2o") else (name, "device")
                 rows.append({"env": env_id, "library": library, "mode": mode, "seeds": num_seeds, "steps_per_s": rate})
                 print(f"{env_id:24s} {library:6s} {mode:7s} seeds {num_seeds:2d}: {rate:8.1f} steps/s", flush=True)
