@@ -355,8 +355,8 @@ def device_action_map(jax_env: JaxEnvSpec, observation_space: gym.Space, action_
     """How the agent's actions (in ``action_space``, that of the env ``make_env`` builds) become the
     functional core's: clipped to [-1, 1] and mapped affinely onto the core's bounds when
     ``make_env``'s Box is [-1, 1] (as :class:`envs.wrappers.RescaleToUnit` does), unchanged when
-    the two spaces are otherwise equal. Any other
-    difference means ``make_env`` wraps the core in a way the device loop cannot reproduce."""
+    the two spaces are otherwise equal. Any other difference means ``make_env`` wraps the core in
+    a way the device loop cannot reproduce: a ``ValueError`` names the space."""
     core_observations = jax_env.core.observation_space(jax_env.params)
     core_actions = jax_env.core.action_space(jax_env.params)
     if core_observations.shape != observation_space.shape:
