@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-import flax.struct
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
@@ -37,7 +36,7 @@ from rl.checkpoint import Checkpointer
 from rl.data import replay
 from rl.evaluation import episode_seed, run_episodes
 from rl.logging import Progress, RunLogger
-from rl.rollouts import JaxEnvSpec, autoreset_step, trace_scope, unit_action_map
+from rl.rollouts import JaxEnvSpec, SegmentRunner, autoreset_step, trace_scope, unit_action_map
 from rl.types import Transition, transition_like
 from rl.update import SeedBatching, compile_updates, over_seeds, scan_updates
 
@@ -195,14 +194,6 @@ def _space_bounds(space: gym.Space) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(space, gym.spaces.Box):
         raise ValueError(f"the off-policy loop needs a Box action space, got {space}")
     return space.low.astype(np.float32), space.high.astype(np.float32)
-
-
-class EnvCarry(flax.struct.PyTreeNode):
-    """Every seed's device training env: its state, current observation and running return."""
-
-    state: Any
-    observations: jax.Array
-    episode_returns: jax.Array
 
 
 def _next_stop(step: int, config: OnlineConfig, stop_at: int | None) -> int:
@@ -440,7 +431,7 @@ class _DeviceEnvs:
         reset_keys = jax.vmap(lambda key: jax.random.fold_in(jax.random.fold_in(key, 0), ENV_RESET_STREAM))(loop_keys)
         with trace_scope(self.core):
             observations, env_state = jax.jit(jax.vmap(self.core.reset, in_axes=(0, None)))(reset_keys, self.params)
-        self.carry = EnvCarry(env_state, observations.astype(jnp.float32), jnp.zeros(len(loop_keys), jnp.float32))
+        self.carry = SegmentRunner(env_state, observations.astype(jnp.float32), jnp.zeros(len(loop_keys), jnp.float32))
         self.return_sums = np.zeros(len(loop_keys))
         self.episode_counts = np.zeros(len(loop_keys), np.int64)
 
@@ -480,17 +471,17 @@ class _DeviceEnvs:
         self.episode_counts = np.zeros_like(self.episode_counts)
         return means
 
-    def _chunk(self, agent, buffer, carry: EnvCarry, loop_keys, start, count, offline, params, *, explore: bool, learn: bool):
+    def _chunk(self, agent, buffer, carry: SegmentRunner, loop_keys, start, count, offline, params, *, explore: bool, learn: bool):
         num_seeds = carry.observations.shape[0]
         step_envs = jax.vmap(functools.partial(autoreset_step, self.core), in_axes=(0, 0, 0, None))
 
-        def one_step(agent, buffer, carry: EnvCarry, step):
+        def one_step(agent, buffer, carry: SegmentRunner, step):
             if explore:
                 actions = jax.vmap(self._policy, in_axes=(0, 0, 0, None))(agent, carry.observations, loop_keys, step)
             else:
                 actions = jax.vmap(self._random, in_axes=(0, None))(loop_keys, step)
             env_keys = jax.vmap(lambda key: jax.random.fold_in(jax.random.fold_in(key, step), ENV_KEY_STREAM))(loop_keys)
-            result, final_observations = step_envs(env_keys, carry.state, self._action_map(actions), params)
+            result, final_observations = step_envs(env_keys, carry.env_state, self._action_map(actions), params)
             transition = Transition(
                 observations=carry.observations,
                 actions=actions.astype(jnp.float32),
@@ -502,7 +493,7 @@ class _DeviceEnvs:
             done = jnp.logical_or(result.terminated, result.truncated)
             returns = carry.episode_returns + transition.rewards
             finished = (jnp.where(done, returns, 0.0), done.astype(jnp.int32))
-            carry = EnvCarry(result.state, result.obs.astype(jnp.float32), jnp.where(done, 0.0, returns))
+            carry = SegmentRunner(result.state, result.obs.astype(jnp.float32), jnp.where(done, 0.0, returns))
             if learn:
                 agent, buffer, metrics = self._add_and_update(agent, buffer, transition, loop_keys, step, offline)
             else:

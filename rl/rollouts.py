@@ -168,7 +168,8 @@ def _time_major_to_env_major(tree: Any) -> Any:
 
 
 class SegmentRunner(flax.struct.PyTreeNode):
-    """Carry of segment collection on a JAX env: env states, current observations, running returns."""
+    """Envs of a JAX-native core on the device: their states, current observations and running
+    returns (the carry of segment collection here and of the online loop's device envs)."""
 
     env_state: Any
     observations: jax.Array
