@@ -287,7 +287,9 @@ def markdown(args: Args, rows: list[dict], optimum: tuple[float, float], goal: t
         f"Model: {model}. Best reachable (bounded Nelder-Mead on x): x* = {x_star:.3f} at FWHM* = {fwhm_star:.3f} ps. "
         f"Target: x >= {x_target:.3f} with FWHM <= {fwhm_bound:.3f} ps within {WITHIN_STEPS} steps and held to the "
         f"episode's end; {args.final_episodes} deterministic episodes per seed (the same reset states for every agent). "
-        f"Seeds {list(args.seeds)}; SAC {args.sac_steps} env steps, LOOP {args.loop_steps} env steps per seed. Mean ± std over seeds.",
+        f"Seeds {list(args.seeds)}; "
+        + ", ".join(f"{name.upper()} {getattr(args, f'{name}_steps')} env steps" for name in args.agents)
+        + " per seed. Mean ± std over seeds.",
         "",
         f"| agent | env steps | x @ {WITHIN_STEPS} | FWHM @ {WITHIN_STEPS} (ps) | x final | FWHM final (ps) | first step on target | return | seeds on target |",
         "|---|---|---|---|---|---|---|---|---|",
