@@ -68,7 +68,7 @@ class Args:
     long: int = 4_000
     """Step up to which the rate is measured (the run's length)."""
     repeats: int = 3
-    """Pairs of runs per row (the row reports their median rate)."""
+    """Measurements per row (the row reports their median rate)."""
     out: Path | None = None
     """CSV path to write (columns ``env,library,mode,seeds,steps_per_s``)."""
 
