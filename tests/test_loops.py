@@ -26,9 +26,25 @@ def create(key):
     return SAC.create(key, SPACES.observation_space, SPACES.action_space, SMALL)
 
 
+def untimed_metrics(run_dir):
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in read_metrics(run_dir)]
+
+
 def run(run_dir, seeds=(0,), config=SCHEDULE, **kwargs):
     agent, _ = train_online(create, MAKE_ENV, config, list(seeds), run_dir, progress=False, **kwargs)
-    return agent, [{k: v for k, v in row.items() if k not in TIMING} for row in read_metrics(run_dir)]
+    return agent, untimed_metrics(run_dir)
+
+
+def assert_killed_and_resumed_run_matches(run_fn, tmp_path, stop_at):
+    """A run killed at ``stop_at`` and resumed ends with the uninterrupted run's metrics and agent;
+    returns those metrics."""
+    reference_agent, reference = run_fn(tmp_path / "full")
+    run_fn(tmp_path / "split", stop_at=stop_at)
+    resumed_agent, resumed = run_fn(tmp_path / "split", resume=True)
+    assert resumed == reference
+    for x, y in zip(jax.tree.leaves(resumed_agent), jax.tree.leaves(reference_agent)):
+        np.testing.assert_array_equal(x, y)
+    return reference
 
 
 def test_same_seed_gives_identical_metrics(tmp_path):
@@ -39,13 +55,8 @@ def test_same_seed_gives_identical_metrics(tmp_path):
 
 
 def test_resumed_run_ends_with_the_same_metrics_and_agent(tmp_path):
-    reference_agent, reference = run(tmp_path / "full")
     # Killed at step 350, after the checkpoint at 200 and past an evaluation at 250.
-    run(tmp_path / "split", stop_at=350)
-    resumed_agent, resumed = run(tmp_path / "split", resume=True)
-    assert resumed == reference
-    for x, y in zip(jax.tree.leaves(resumed_agent), jax.tree.leaves(reference_agent)):
-        np.testing.assert_array_equal(x, y)
+    assert_killed_and_resumed_run_matches(run, tmp_path, stop_at=350)
 
 
 def test_warmup_makes_no_updates(tmp_path):
@@ -111,17 +122,12 @@ def run_on_device(run_dir, config=DEVICE_SCHEDULE, **kwargs):
         jax_env=JaxEnvSpec(*make_jax(ORBIT, **SHORT_EPISODES)),
         **kwargs,
     )
-    return agent, [{k: v for k, v in row.items() if k not in TIMING} for row in read_metrics(run_dir)]
+    return agent, untimed_metrics(run_dir)
 
 
 def test_device_envs_resume_exactly_and_log_finished_episodes(tmp_path):
-    reference_agent, reference = run_on_device(tmp_path / "full")
     # Killed at step 230, after the checkpoint at 200 and past an evaluation at 150.
-    run_on_device(tmp_path / "split", stop_at=230)
-    resumed_agent, resumed = run_on_device(tmp_path / "split", resume=True)
-    assert resumed == reference
-    for x, y in zip(jax.tree.leaves(resumed_agent), jax.tree.leaves(reference_agent)):
-        np.testing.assert_array_equal(x, y)
+    reference = assert_killed_and_resumed_run_matches(run_on_device, tmp_path, stop_at=230)
     train_rows = [row for row in reference if row["phase"] == "train"]
     # Every 50-step window holds at least four whole 12-step episodes per seed.
     assert len(train_rows) == 2 * 6 and all(np.isfinite(row["episode_return"]) for row in train_rows)
