@@ -187,6 +187,7 @@ def summary_rows(agent: str, seeds: list[int], traces: dict[str, np.ndarray], x_
         x_mean, fwhm_mean = x.mean(0), fwhm.mean(0)
         within = WITHIN_STEPS - 1
         meets = bool(x_mean[within] >= x_target and fwhm_mean[within] <= fwhm_bound and x_mean[-1] >= x_target and fwhm_mean[-1] <= fwhm_bound)
+        episodes_on_target = (x[:, within] >= x_target) & (fwhm[:, within] <= fwhm_bound) & (x[:, -1] >= x_target) & (fwhm[:, -1] <= fwhm_bound)
         rows.append(
             {
                 "agent": agent,
@@ -197,6 +198,7 @@ def summary_rows(agent: str, seeds: list[int], traces: dict[str, np.ndarray], x_
                 "x_final": float(x_mean[-1]),
                 "fwhm_ps_final": float(fwhm_mean[-1]),
                 "first_step_on_target": first_step_reaching(x_mean, fwhm_mean, x_target, fwhm_bound),
+                "episodes_on_target": int(episodes_on_target.sum()),
                 "terminated_episodes": int((~traces["active"][index][:, -1]).sum()),
                 "mean_return": float((traces["reward"][index] * traces["active"][index]).sum(1).mean()),
                 "meets_target": meets,
@@ -307,7 +309,9 @@ def markdown(args: Args, rows: list[dict], optimum: tuple[float, float], goal: t
     for row in rows:
         lines.append(
             f"- {row['agent']} seed {row['seed']}: x {row[f'x_at_{WITHIN_STEPS}']:.3f}, FWHM {row[f'fwhm_ps_at_{WITHIN_STEPS}']:.3f} ps, "
-            f"first step on target {row['first_step_on_target']:g}, {'meets' if row['meets_target'] else 'misses'} the target"
+            f"first step on target {row['first_step_on_target']:g}, {'meets' if row['meets_target'] else 'misses'} the target; "
+            f"{row['episodes_on_target']} of {row['episodes']} episodes on target by themselves, {row['terminated_episodes']} terminated "
+            "(the pulse stretched past the env's FWHM limit; its last pulse stays in the means)"
         )
     lines += ["", "Training wall-clock of this invocation (all seeds together, includes evaluation during training"
               + ("; a resumed run counts only its continuation" if args.resume else "") + "):", ""]
