@@ -75,6 +75,44 @@ class JaxEnv(abc.ABC, Generic[EnvState, EnvParams]):
         return contextlib.nullcontext()
 
 
+class RewardTransformed(JaxEnv):
+    """``core`` with every reward replaced by ``scale * reward + bias``: the functional twin of
+    ``gymnasium.wrappers.TransformReward(face, lambda r: scale * r + bias)``, so a loop stepping the
+    core on the device trains on the same rewards as one stepping the wrapped gymnasium face.
+
+    Everything else (spaces, parameters, resets, termination, info, trace scope) is ``core``'s.
+    """
+
+    def __init__(self, core: JaxEnv, scale: float = 1.0, bias: float = 0.0) -> None:
+        self.core, self.scale, self.bias = core, float(scale), float(bias)
+
+    def default_params(self) -> Any:
+        """The wrapped core's parameters."""
+        return self.core.default_params()
+
+    def reset(self, key: jax.Array, params: Any) -> tuple[jax.Array, Any]:
+        """The wrapped core's reset."""
+        return self.core.reset(key, params)
+
+    def step(self, key: jax.Array, state: Any, action: jax.Array, params: Any) -> StepResult:
+        """The wrapped core's step with its reward transformed (same dtype)."""
+        result = self.core.step(key, state, action, params)
+        reward = (self.scale * result.reward + self.bias).astype(jnp.result_type(result.reward))
+        return result._replace(reward=reward)
+
+    def observation_space(self, params: Any) -> gym.spaces.Space:
+        """The wrapped core's observation space."""
+        return self.core.observation_space(params)
+
+    def action_space(self, params: Any) -> gym.spaces.Space:
+        """The wrapped core's action space."""
+        return self.core.action_space(params)
+
+    def trace_scope(self) -> contextlib.AbstractContextManager:
+        """The wrapped core's trace scope."""
+        return self.core.trace_scope()
+
+
 def step_autoreset(
     env: JaxEnv, key: jax.Array, state: Any, action: jax.Array, params: Any
 ) -> tuple[StepResult, jax.Array]:

@@ -41,16 +41,20 @@ from agents.sac import SAC, SACConfig
 from agents.uni_o4 import UniO4Config
 from agents.wsrl import create_pretrained_template, restore_pretrained, run_wsrl, wsrl_config, wsrl_schedule
 from envs import registry
+from envs.jax_env import RewardTransformed
 from rl import compilation_cache
 from rl.checkpoint import CheckpointMismatch, Checkpointer
 from rl.data import collect as collect_lib
 from rl.data import datasets, replay
 from rl.logging import plot_runs, write_json_atomic
 from rl.loops import OfflineConfig, OnlineConfig, train_offline, train_online
+from rl.rollouts import JaxEnvSpec
 from rl.types import transition_like
 
 PRETRAIN_RECORD = "pretrain.json"
 FINETUNE_RECORD = "finetune.json"
+STAGE_SECONDS = "stage_seconds.json"
+"""Wall-clock seconds of each stage of ``o2o run``, written in its run directory."""
 
 
 class ConfigError(ValueError):
@@ -107,6 +111,10 @@ class FinetuneSettings:
     """Log training metrics every this many steps."""
     checkpoint_interval: int = 0
     """Checkpoint every this many steps (0: only at the end)."""
+    env_loop: Literal["device", "host"] = "device"
+    """Where o2o's own environments step during fine-tuning (and the scratch baseline): on the
+    device, a stretch of steps per compiled call of their functional core, or one step at a time
+    through their gymnasium face. Other environments always step on the host."""
 
 
 # ----------------------------------------------------------------------------- command args
@@ -334,6 +342,18 @@ def _make_env_checked(env_id: str):
     spaces = probe.observation_space, probe.action_space
     probe.close()
     return make_env, spaces
+
+
+def device_envs(env_id: str, env_loop: str, reward_scale: float = 1.0, reward_bias: float = 0.0) -> JaxEnvSpec | None:
+    """The functional core the online loop steps on the device, with the rewards of the gymnasium
+    training env (``scale * r + bias``); None where the envs step on the host (``env_loop``
+    "host", or an environment without a JAX core)."""
+    if env_loop != "device" or env_id not in registry.PROJECT_ENVS:
+        return None
+    core, params = registry.make_jax(env_id)
+    if (reward_scale, reward_bias) != (1.0, 0.0):
+        core = RewardTransformed(core, reward_scale, reward_bias)
+    return JaxEnvSpec(core, params)
 
 
 def _score_fn(dataset: datasets.OfflineDataset | None, env_id: str, return_scale: float = 1.0):
@@ -617,7 +637,7 @@ def finetune(args: FinetuneArgs) -> Path:
         run_dir / FINETUNE_RECORD,
         {"agent": "sac", "env": env_id, "seeds": seeds, "sac": online, "online": schedule,
          "pretrained_from": str(args.checkpoint), "offline_steps": record["offline_steps"],
-         "reward_scale": reward_scale, "reward_bias": reward_bias},
+         "reward_scale": reward_scale, "reward_bias": reward_bias, "env_loop": settings.env_loop},
     )
     score_fn = _online_score_fn(dataset, env_id, reward_scale, reward_bias)
     _, rows = run_wsrl(
@@ -625,6 +645,7 @@ def finetune(args: FinetuneArgs) -> Path:
         offline_source=offline_source, offline_data_ratio=settings.offline_data_ratio,
         run_config={"finetune": args, "sac": online, "online": schedule, "offline_steps": record["offline_steps"]},
         resume=args.resume, progress=args.progress, score_fn=score_fn,
+        jax_env=device_envs(env_id, settings.env_loop, reward_scale, reward_bias),
     )
     final = [row for row in rows if row["step"] == settings.steps]
     if final:
@@ -643,9 +664,10 @@ def _rewarded(make_env: Callable, scale: float, bias: float) -> Callable:
 def train_scratch(
     env_id: str, config: SACConfig, schedule: OnlineConfig, seeds: list[int], run_dir: Path,
     score_fn=None, progress: bool | None = None, reward_scale: float = 1.0, reward_bias: float = 0.0,
+    env_loop: Literal["device", "host"] = "device",
 ) -> list[dict[str, Any]]:
     """The same online SAC from a fresh initialisation with uniform random warm-up (the baseline),
-    on the same (reward-transformed) training env as fine-tuning."""
+    on the same (reward-transformed) training env as fine-tuning, stepped where ``env_loop`` says."""
     make_env, (observation_space, action_space) = _make_env_checked(env_id)
     if (reward_scale, reward_bias) != (1.0, 0.0):
         make_env = _rewarded(make_env, reward_scale, reward_bias)
@@ -653,8 +675,30 @@ def train_scratch(
     _, rows = train_online(
         lambda key: SAC.create(key, observation_space, action_space, config), make_env, schedule, seeds, run_dir,
         run_config={"baseline": "sac_scratch", "sac": config, "online": schedule}, progress=progress, score_fn=score_fn,
+        jax_env=device_envs(env_id, env_loop, reward_scale, reward_bias),
     )
     return rows
+
+
+class _PhaseClock:
+    """Prints wall-clock and process CPU seconds of each phase of a pipeline (quickstart, ``o2o run``)
+    and keeps the wall-clock seconds by phase in ``laps``."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        self.first_wall, self.first_cpu = self.wall, self.cpu
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        """Report the time since the previous lap."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        print(f"      {name}: {wall - self.wall:.0f} s wall, {cpu - self.cpu:.0f} s CPU")
+        self.laps[name] = wall - self.wall
+        self.wall, self.cpu = wall, cpu
+
+    def total(self) -> str:
+        """Wall-clock and CPU seconds since the start."""
+        return f"{time.perf_counter() - self.first_wall:.0f} s wall, {time.process_time() - self.first_cpu:.0f} s CPU"
 
 
 def run(args: RunArgs) -> Path:
@@ -674,16 +718,19 @@ def run(args: RunArgs) -> Path:
             )
         print(f"Uni-O4 run: {root} (summary.json)")
         return root
+    clock = _PhaseClock()
     pretrain_dir = pretrain(
         PretrainArgs(
             dataset=args.dataset, env=env_id, seed=args.seed, num_seeds=args.num_seeds, run_dir=root / "pretrain",
             overwrite=args.overwrite, progress=args.progress, pretrain=args.pretrain,
         )
     )
+    clock.lap("pre-training")
     finetune_dir = finetune(
         FinetuneArgs(checkpoint=pretrain_dir, run_dir=root / "wsrl", overwrite=args.overwrite,
                      progress=args.progress, finetune=args.finetune)
     )
+    clock.lap("fine-tuning")
     if args.scratch_baseline:
         record = json.loads((finetune_dir / FINETUNE_RECORD).read_text())
         online = apply_overrides(SACConfig(), record["sac"])
@@ -691,7 +738,12 @@ def run(args: RunArgs) -> Path:
         _prepare_run_dir(root / "sac_scratch", False, args.overwrite)
         scale, bias = float(record["reward_scale"]), float(record["reward_bias"])
         score_fn = _online_score_fn(dataset, env_id, scale, bias)
-        train_scratch(env_id, online, schedule, record["seeds"], root / "sac_scratch", score_fn, args.progress, scale, bias)
+        train_scratch(
+            env_id, online, schedule, record["seeds"], root / "sac_scratch", score_fn, args.progress, scale, bias,
+            record.get("env_loop", "host"),
+        )
+        clock.lap("SAC from scratch")
+    write_json_atomic(root / STAGE_SECONDS, clock.laps)
     return root
 
 
@@ -729,24 +781,6 @@ def quickstart_configs(args: QuickstartArgs) -> tuple[CQLConfig, FinetuneSetting
         log_interval=args.eval_interval,
     )
     return cql, settings
-
-
-class _PhaseClock:
-    """Prints wall-clock and process CPU seconds of each quickstart phase."""
-
-    def __init__(self) -> None:
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        self.first_wall, self.first_cpu = self.wall, self.cpu
-
-    def lap(self, name: str) -> None:
-        """Report the time since the previous lap."""
-        wall, cpu = time.perf_counter(), time.process_time()
-        print(f"      {name}: {wall - self.wall:.0f} s wall, {cpu - self.cpu:.0f} s CPU")
-        self.wall, self.cpu = wall, cpu
-
-    def total(self) -> str:
-        """Wall-clock and CPU seconds since the start."""
-        return f"{time.perf_counter() - self.first_wall:.0f} s wall, {time.process_time() - self.first_cpu:.0f} s CPU"
 
 
 def _eval_per_seed(rows: list[dict[str, Any]], step: int, seeds: list[int]) -> list[float]:
@@ -801,7 +835,8 @@ def quickstart(args: QuickstartArgs) -> dict[str, Any]:
     dataset = datasets.load(dataset_path)
     score_fn, scores = _score_fn(dataset, args.env, args.reward_scale)
     scratch_rows = train_scratch(
-        args.env, online, schedule, record["seeds"], out / "sac_scratch", score_fn, args.progress, args.reward_scale
+        args.env, online, schedule, record["seeds"], out / "sac_scratch", score_fn, args.progress, args.reward_scale,
+        env_loop=record.get("env_loop", "host"),
     )
     clock.lap("SAC from scratch")
 

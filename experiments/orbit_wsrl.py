@@ -24,9 +24,11 @@ and ``<name>.png``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +39,7 @@ from agents.cql import CQLConfig
 from agents.wsrl import wsrl_config
 from envs.beam import expert_pseudo_inverse, svd_expert_action
 from envs.registry import make
-from experiments.offline_to_online import FinetuneSettings, PretrainSettings, RunArgs, run
+from experiments.offline_to_online import STAGE_SECONDS, FinetuneSettings, PretrainSettings, RunArgs, run
 from experiments.orbit_tbsac import ENV_ID, EXPERT_GAIN, write_csv
 from rl.data import collect as collect_lib
 from rl.data import datasets
@@ -76,6 +78,13 @@ class Args:
     """File name stem of the outputs."""
     run_dir: Path | None = None
     """Where the dataset and the runs go (a temporary directory if not given)."""
+    env_loop: Literal["device", "host"] = "device"
+    """Where the online envs step (fine-tuning and the baseline): on the device, a stretch of steps
+    per compiled call of the env's functional core, or one step at a time through its gymnasium face."""
+
+
+STAGE_ORDER = ("collection", "pre-training", "fine-tuning", "SAC from scratch")
+"""The pipeline's stages in the order they run (names as ``o2o run`` records them)."""
 
 
 def noisy_expert_policy(noise_std: float, epsilon: float) -> collect_lib.Policy:
@@ -115,6 +124,7 @@ def run_args(args: Args, dataset: Path, root: Path) -> RunArgs:
         finetune=FinetuneSettings(
             steps=args.online_steps, warmup_steps=args.warmup_steps, utd_ratio=args.utd_ratio,
             eval_interval=args.eval_interval, eval_episodes=args.eval_episodes, log_interval=args.eval_interval,
+            env_loop=args.env_loop,
         ),
     )
 
@@ -134,7 +144,7 @@ def mean_at(rows: list[dict], method: str, step: int) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def markdown(args: Args, rows: list[dict], behaviour_return: float, wall: float) -> str:
+def markdown(args: Args, rows: list[dict], behaviour_return: float, wall: float, stages: dict[str, float]) -> str:
     """Table (means over seeds) and the run settings."""
     online_steps = sorted({r["step"] for r in rows if r["method"] == "wsrl"})
     after_start = [mean_at(rows, "wsrl", step) for step in online_steps if step > 0]
@@ -158,7 +168,9 @@ def markdown(args: Args, rows: list[dict], behaviour_return: float, wall: float)
         "",
         f"Per seed, final: WSRL {per_seed('wsrl')}; SAC from scratch {per_seed('sac_scratch')}.",
         "",
-        f"Wall-clock of the whole pipeline (collection, pre-training, fine-tuning, baseline): {wall:.0f} s.",
+        f"Wall-clock of the whole pipeline (collection, pre-training, fine-tuning, baseline): {wall:.0f} s"
+        + (" (" + ", ".join(f"{name} {stages[name]:.0f} s" for name in STAGE_ORDER if name in stages) + ")" if stages else "")
+        + f"; online envs stepped on the {args.env_loop}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -174,13 +186,15 @@ def main(args: Args) -> list[dict]:
         root.mkdir(parents=True, exist_ok=True)
         dataset, behaviour_return = write_dataset(args, root / "orbit-noisy-svd.hdf5")
         print(f"logged {args.dataset_steps} transitions, behaviour return {behaviour_return:.1f}", flush=True)
+        collection = time.perf_counter() - start
         runs = run(run_args(args, dataset, root / "o2o"))
+        stages = {"collection": collection, **json.loads((runs / STAGE_SECONDS).read_text())}
         rows = evaluation_rows("wsrl", runs / "wsrl") + evaluation_rows("sac_scratch", runs / "sac_scratch")
         plot_runs([runs / "wsrl", runs / "sac_scratch"], args.out_dir / f"{args.name}.png", metric="eval_return",
                   title=f"{ENV_ID}: WSRL from a noisy SVD expert vs SAC from scratch")
     wall = time.perf_counter() - start
     write_csv(args.out_dir / f"{args.name}.csv", rows)
-    report = markdown(args, rows, behaviour_return, wall)
+    report = markdown(args, rows, behaviour_return, wall, stages)
     (args.out_dir / f"{args.name}.md").write_text(report)
     write_result_record(args.out_dir / f"{args.name}_run.json", args)
     print(report)
