@@ -229,3 +229,31 @@ def test_wsrl_locomotion_dip_check_passes_misses_and_does_not_apply_to_non_posit
     assert dip_line([100.0, 70.0, 120.0]).endswith(": MISS")
     negative = dip_line([-1133.7, -1581.6, -900.0])
     assert negative.endswith(": N/A") and "nan" not in negative
+
+
+def test_run_on_an_o2o_env_fine_tunes_on_the_device_with_the_scaled_rewards_and_times_its_stages(tmp_path, monkeypatch):
+    import experiments.offline_to_online as o2o
+    from envs.jax_env import RewardTransformed
+
+    cores = []
+
+    def spy(*args, **kwargs):
+        cores.append(kwargs.get("jax_env"))
+        return loop(*args, **kwargs)
+
+    loop = o2o.train_online
+    monkeypatch.setattr(o2o, "train_online", spy)
+    monkeypatch.setattr("agents.wsrl.train_online", spy)
+    env = "o2o/OrbitCorrection-v0"
+    main(["collect", "--env", env, "--policy", "random", "--steps", "200", "--out-dir", str(tmp_path / "data")])
+    dataset = next((tmp_path / "data").glob("*.hdf5"))
+    root = tmp_path / "run"
+    main(["run", "--dataset", str(dataset), "--run-dir", str(root), "--scratch-baseline", *PRETRAIN,
+          "--pretrain.reward-scale", "0.5", FINETUNE[0], "200", *FINETUNE[2:]])
+    assert len(cores) == 2  # WSRL fine-tuning, then SAC from scratch
+    assert all(isinstance(spec.core, RewardTransformed) and spec.core.scale == 0.5 for spec in cores)
+    assert json.loads((root / "wsrl" / "finetune.json").read_text())["env_loop"] == "device"
+    assert set(json.loads((root / "stage_seconds.json").read_text())) == {"pre-training", "fine-tuning", "SAC from scratch"}
+    for stage in ("wsrl", "sac_scratch"):
+        final = [row for row in read_metrics(root / stage) if row["phase"] == "eval" and row["step"] == 200]
+        assert len(final) == 1 and np.isfinite(final[0]["eval_return"])
