@@ -616,6 +616,8 @@ def train_offline(
                 )
             keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(update_keys, step)
             agent, metrics = compiled[count](agent, source, keys)
+            # Dispatch returns before the chunk has run: wait for it, or the rate counts dispatches.
+            metrics = jax.block_until_ready(metrics)
             step = stop
             rate = (step - start_step) / max(time.perf_counter() - start_time, 1e-9)
             if step % config.log_interval == 0 or step == config.num_steps:

@@ -97,6 +97,33 @@ def test_offline_loop_trains_every_seed_on_one_shared_dataset(tmp_path, seed_bat
     assert sorted(set(logged)) == [60, 120]
 
 
+def test_offline_rate_counts_each_chunk_to_its_end_not_its_dispatch(tmp_path, monkeypatch):
+    import time
+
+    import jax.numpy as jnp
+
+    import rl.loops
+
+    @jax.jit
+    def slow(matrix):  # a few hundred ms of products, dispatched asynchronously
+        return jax.lax.fori_loop(0, 60, lambda _, m: jnp.tanh(m @ m), matrix)
+
+    start = jnp.eye(768) * 0.5
+    slow(start).block_until_ready()
+    began = time.perf_counter()
+    slow(start).block_until_ready()
+    chunk_seconds = time.perf_counter() - began
+
+    def slow_updates(count, **_):
+        return lambda agent, source, keys: (agent, {"loss": jnp.broadcast_to(slow(start)[0, 0], keys.shape[:1])})
+
+    monkeypatch.setattr(rl.loops, "compile_updates", slow_updates)
+    config = OfflineConfig(num_steps=2, updates_per_call=1, eval_interval=2, eval_episodes=1, log_interval=1)
+    train_offline({"w": jnp.zeros((1, 3))}, None, config, [0], tmp_path / "off", progress=False)
+    rates = [row["steps_per_s"] for row in read_metrics(tmp_path / "off") if row["phase"] == "offline"]
+    assert len(rates) == 2 and max(rates) <= 1.2 / chunk_seconds, (rates, chunk_seconds)
+
+
 def test_nonsensical_schedule_values_are_rejected():
     with pytest.raises(ValueError, match="eval_episodes"):
         OnlineConfig(eval_episodes=0)
