@@ -10,8 +10,12 @@ offline data), and SAC from scratch with the same online budget as the baseline.
 vmapped axis.
 
 CPU settings (documented here because they differ from the locomotion recipe of spec ``wsrl.md``):
-2 critics with LayerNorm instead of 10, 256 x 256 networks, UTD 1 during pre-training and
-``--utd-ratio`` online, ``--offline-steps`` pre-training steps; everything else is the recipe.
+2 critics with LayerNorm instead of 10, ``--hidden`` x ``--hidden`` networks (128; the recipe's
+256), Cal-QL with 4 sampled actions per state for the conservative term and 1 backup action
+instead of 10 and 10 (the ``cpu`` scale of ``wsrl_locomotion.py``: with the recipe's numbers and
+256-wide networks pre-training runs at about 7 updates/s for 3 seeds on a 2-core CPU, with these
+at about 43), UTD 1 during pre-training and ``--utd-ratio`` online, ``--offline-steps``
+pre-training steps; everything else is the recipe.
 
     python -m experiments.orbit_wsrl                       # the committed results
     python -m experiments.orbit_wsrl --dataset-steps 2000 --offline-steps 500 --online-steps 600 \\
@@ -62,6 +66,12 @@ class Args:
     """Probability of a uniformly random kick instead of the expert's."""
     offline_steps: int = 20_000
     """Cal-QL pre-training gradient steps."""
+    hidden: int = 128
+    """Width of the two hidden layers of actor and critics."""
+    num_sampled_actions: int = 4
+    """Cal-QL: actions per state of each kind (random, policy at s, policy at s') in the conservative term."""
+    num_backup_actions: int = 1
+    """Cal-QL: next actions whose maximum target forms the backup (1: the plain backup)."""
     online_steps: int = 10_000
     """Online environment steps (warm-up included), the same for WSRL and SAC from scratch."""
     warmup_steps: int = 1_000
@@ -106,7 +116,10 @@ def write_dataset(args: Args, path: Path) -> tuple[Path, float]:
 
 def run_args(args: Args, dataset: Path, root: Path) -> RunArgs:
     """The ``o2o run`` settings of this benchmark (see the module docstring)."""
-    sac = wsrl_config("locomotion", num_critics=2, critic_subset_size=2, subset_with_replacement=False, utd_ratio=1)
+    sac = wsrl_config(
+        "locomotion", num_critics=2, critic_subset_size=2, subset_with_replacement=False, utd_ratio=1,
+        actor_hidden_dims=(args.hidden, args.hidden), critic_hidden_dims=(args.hidden, args.hidden),
+    )
     return RunArgs(
         dataset=dataset,
         env=ENV_ID,
@@ -117,7 +130,11 @@ def run_args(args: Args, dataset: Path, root: Path) -> RunArgs:
         overwrite=True,
         progress=False,
         pretrain=PretrainSettings(
-            steps=args.offline_steps, cql=CQLConfig(sac=sac, calql=True), eval_interval=args.offline_steps,
+            steps=args.offline_steps,
+            cql=CQLConfig(
+                sac=sac, calql=True, num_sampled_actions=args.num_sampled_actions, num_backup_actions=args.num_backup_actions,
+            ),
+            eval_interval=args.offline_steps,
             eval_episodes=args.eval_episodes, log_interval=max(args.offline_steps // 10, 1),
             updates_per_call=max(min(1_000, args.offline_steps), 1),
         ),
@@ -156,7 +173,8 @@ def markdown(args: Args, rows: list[dict], behaviour_return: float, wall: float,
         "",
         f"Logged data: {args.dataset_steps} transitions of the SVD expert (gain {EXPERT_GAIN}) with kick noise "
         f"{args.noise_std} and random kicks with probability {args.epsilon}; behaviour mean return {behaviour_return:.1f}. "
-        f"Cal-QL pre-training {args.offline_steps} steps, then {args.online_steps} online steps (warm-up {args.warmup_steps}, "
+        f"Networks {args.hidden} x {args.hidden}, 2 LayerNorm critics; Cal-QL pre-training {args.offline_steps} steps "
+        f"({args.num_sampled_actions} sampled actions of each kind, {args.num_backup_actions} backup action(s)), then {args.online_steps} online steps (warm-up {args.warmup_steps}, "
         f"UTD {args.utd_ratio}); seeds {list(args.seeds)}; {args.eval_episodes} evaluation episodes per seed. "
         "Evaluation return (mean over seeds; about 190 means every episode corrected in a few steps).",
         "",
