@@ -964,9 +964,10 @@ def train_offline(
             size = min(chunk, total - done)
             stage_key, chunk_key = jax.random.split(stage_key)
             state, metrics = step_fn(state, chunk_key, size)
+            values = {k: float(v) for k, v in metrics.items()}  # waits for the chunk, so the rate counts its run
             done += size
             rate = done / max(time.perf_counter() - started, 1e-9)
-            log({"phase": name, "step": done, **{k: float(v) for k, v in metrics.items()}, "steps_per_s": rate})
+            log({"phase": name, "step": done, **values, "steps_per_s": rate})
             bar.update(done, rate)
         bar.close()
         return state
