@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -311,7 +312,7 @@ def plot_runs(
         axes.fill_between(steps, np.nanmin(values, 0), np.nanmax(values, 0), alpha=0.08, color=line.get_color())
     axes.set_xlabel("environment steps")
     axes.set_ylabel(metric.replace("_", " "))
-    axes.set_title(title or metric)
+    axes.set_title("\n".join(textwrap.wrap(title or metric, 64)))  # long titles wrap instead of running off the figure
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
