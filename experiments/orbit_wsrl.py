@@ -11,11 +11,11 @@ vmapped axis.
 
 CPU settings (documented here because they differ from the locomotion recipe of spec ``wsrl.md``):
 2 critics with LayerNorm instead of 10, ``--hidden`` x ``--hidden`` networks (128; the recipe's
-256), Cal-QL with 4 sampled actions per state for the conservative term and 1 backup action
-instead of 10 and 10 (the ``cpu`` scale of ``wsrl_locomotion.py``: with the recipe's numbers and
-256-wide networks pre-training runs at about 7 updates/s for 3 seeds on a 2-core CPU, with these
-at about 43), UTD 1 during pre-training and ``--utd-ratio`` online, ``--offline-steps``
-pre-training steps; everything else is the recipe.
+256), Cal-QL with 4 sampled actions of each kind for the conservative term (as the quickstart)
+and 1 backup action (the plain backup, no maximum over next actions) instead of 10 and 10: with
+the recipe's numbers and 256-wide networks pre-training runs at about 7 updates/s for 3 seeds on a
+2-core CPU, with these at about 43. UTD 1 during pre-training and ``--utd-ratio`` online,
+``--offline-steps`` pre-training steps; everything else is the recipe.
 
     python -m experiments.orbit_wsrl                       # the committed results
     python -m experiments.orbit_wsrl --dataset-steps 2000 --offline-steps 500 --online-steps 600 \\
