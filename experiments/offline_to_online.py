@@ -519,6 +519,7 @@ def collect(args: CollectArgs) -> dict[str, Path]:
             config,
             args.out_dir / f".{name}-collect",
             progress=args.progress,
+            jax_env=device_envs(args.env, "device"),  # o2o's own envs train the behaviour SAC on the device
         )
         for recipe, dataset in results.items():
             written[recipe] = _write(dataset, args.out_dir / f"{name}-{recipe}.hdf5", args.minari_id, recipe)

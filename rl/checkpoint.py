@@ -71,16 +71,41 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))
         return dict(restored["host"])
 
-    def restore(self, target: PyTree, step: int | None = None, what: str = "checkpoint") -> tuple[PyTree, dict[str, Any]]:
-        """Restore into the structure of ``target`` after checking every shape matches."""
+    def restore(
+        self, target: PyTree, step: int | None = None, what: str = "checkpoint", partial: bool = False
+    ) -> tuple[PyTree, dict[str, Any]]:
+        """Restore into the structure of ``target`` after checking every shape matches.
+
+        With ``partial`` the checkpoint may hold more than ``target`` (a run's env states, say, when
+        only its buffer is wanted): only ``target``'s entries are checked and read.
+        """
         step = self._require_step(step)
         host = self.restore_host(step)
-        check_signature(tree_signature(target), host.get("signature", {}), what)
+        expected, found = tree_signature(target), host.get("signature", {})
+        if partial:
+            found = {path: shape for path, shape in found.items() if path in expected}
+        check_signature(expected, found, what)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()),
-        )
+        if not partial:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()),
+            )
+            return restored["state"], dict(restored["host"])
+        # A manager of its own: orbax refuses another restore kind for an item this one has saved.
+        manager = ocp.CheckpointManager(self.directory)
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
+                    ),
+                    host=ocp.args.JsonRestore(),
+                ),
+            )
+        finally:
+            manager.close()
         return restored["state"], dict(restored["host"])
 
     def _require_step(self, step: int | None) -> int:

@@ -135,3 +135,29 @@ def test_d4rl_recipes_on_a_tiny_budget(tmp_path):
     # The replay prefix is the training run's data in order: continuous inside episodes.
     inside = ~episode_ends(replay_part)[:-1]
     np.testing.assert_allclose(replay_part.next_observations[:-1][inside], replay_part.observations[1:][inside])
+
+
+def test_recipes_train_the_behaviour_agent_of_an_o2o_env_on_the_device(tmp_path):
+    from envs.registry import make_jax
+    from rl.rollouts import JaxEnvSpec
+
+    env_id = "o2o/OrbitCorrection-v0"
+    make_env = env_factory(env_id, rescale_actions=True)
+    probe = make_env()
+    behaviour = OnlineConfig(total_steps=300, warmup_steps=100, eval_interval=150, eval_episodes=1, log_interval=150, buffer_capacity=300)
+    results = collect.collect_d4rl_style(
+        make_env,
+        lambda key: SAC.create(key, probe.observation_space, probe.action_space, TINY_SAC),
+        behaviour,
+        collect.CollectConfig(env_id=env_id, recipes=("medium-replay",), steps_per_dataset=100, seed=0),
+        tmp_path,
+        progress=False,
+        log=lambda message: None,
+        jax_env=JaxEnvSpec(*make_jax(env_id)),
+    )
+    # The replay prefix comes out of the device loop's buffer: its first 150 steps, in order.
+    replay_part = results["medium-replay"]
+    assert len(replay_part) == 150
+    inside = ~episode_ends(replay_part)[:-1]
+    assert inside.any()
+    np.testing.assert_allclose(replay_part.next_observations[:-1][inside], replay_part.observations[1:][inside])

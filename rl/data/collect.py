@@ -37,6 +37,7 @@ from rl.data import replay
 from rl.data.datasets import DatasetError, OfflineDataset, episode_ends, validate
 from rl.evaluation import episode_seed
 from rl.loops import OnlineConfig, train_online
+from rl.rollouts import JaxEnvSpec
 from rl.types import transition_like
 
 Policy = Callable[[np.ndarray, jax.Array], np.ndarray]
@@ -256,12 +257,14 @@ def train_behaviour_agent(
     seed: int,
     run_dir: str | os.PathLike,
     progress: bool | None = None,
+    jax_env: JaxEnvSpec | None = None,
 ) -> BehaviourRun:
     """Train one agent with :func:`rl.loops.train_online`, keeping a snapshot at every evaluation.
 
     The run is driven in segments of ``config.eval_interval`` steps (``stop_at`` + ``resume``), so
     each segment's agent can be kept; the replay buffer of the final checkpoint holds every
-    transition, in order (the capacity must cover the run).
+    transition, in order (the capacity must cover the run). With ``jax_env`` (the functional core
+    of ``make_env``'s env) the training envs step on the device.
     """
     if config.buffer_capacity < config.total_steps:
         raise ValueError(
@@ -278,7 +281,8 @@ def train_behaviour_agent(
     while step < config.total_steps:
         stop = min(step + config.eval_interval, config.total_steps)
         agent, rows = train_online(
-            create_agent, make_env, config, [seed], run_dir, resume=step > 0, progress=progress, stop_at=stop
+            create_agent, make_env, config, [seed], run_dir, resume=step > 0, progress=progress, stop_at=stop,
+            jax_env=jax_env,
         )
         step = stop
         at_step = [row["eval_return"] for row in rows if row["step"] == step]
@@ -298,7 +302,8 @@ def _replay_from_checkpoint(run_dir: Path, agent: Any, make_env: Callable[[], gy
     buffer = jax.vmap(lambda _: replay.init(transition_like(observation_dim, action_dim), capacity))(jnp.arange(1))
     checkpointer = Checkpointer(run_dir / "checkpoints")
     try:
-        state, _ = checkpointer.restore({"agent": agent, "buffer": buffer}, config.total_steps, what=str(run_dir))
+        # partial: a run whose envs stepped on the device also checkpointed their states
+        state, _ = checkpointer.restore({"agent": agent, "buffer": buffer}, config.total_steps, what=str(run_dir), partial=True)
     finally:
         checkpointer.close()
     data = jax.device_get(jax.tree.map(lambda leaf: leaf[0], state["buffer"].data))
@@ -378,11 +383,13 @@ def collect_d4rl_style(
     work_dir: str | os.PathLike,
     progress: bool | None = None,
     log: Callable[[str], None] = print,
+    jax_env: JaxEnvSpec | None = None,
 ) -> dict[str, OfflineDataset]:
     """Build the requested D4RL-style datasets for one environment (see the module docstring).
 
     ``behaviour`` schedules the training run of ``create_agent`` (skipped when only ``random`` is
-    requested); its checkpoints and logs go under ``work_dir``. The random and expert returns
+    requested; on the device with ``jax_env``, the functional core of ``make_env``'s env); its
+    checkpoints and logs go under ``work_dir``. The random and expert returns
     measured here become every dataset's ``ref_min_score`` / ``ref_max_score``.
     """
     probe = make_env()
@@ -399,7 +406,9 @@ def collect_d4rl_style(
     behaviour_returns = {"random": ref_min}
     ref_max = float("nan")
     if set(config.recipes) - {"random"}:
-        run = train_behaviour_agent(create_agent, make_env, behaviour, config.seed, Path(work_dir) / "behaviour", progress)
+        run = train_behaviour_agent(
+            create_agent, make_env, behaviour, config.seed, Path(work_dir) / "behaviour", progress, jax_env=jax_env
+        )
         expert_rollout = rollout(
             make_env, agent_policy(run.agents[-1]), config.steps_per_dataset, config.seed + 1, config.num_envs,
             {**base, "recipe": "expert", "behaviour_policy": f"agent after {run.steps[-1]} steps", "behaviour_steps": run.steps[-1]},
