@@ -601,6 +601,19 @@ def pretrain(args: PretrainArgs) -> Path:
 # ----------------------------------------------------------------------------- finetune
 
 
+def _resumed_env_loop(run_dir: Path, settings: FinetuneSettings) -> FinetuneSettings:
+    """``settings`` with the env loop of the run being resumed: its checkpoints hold the device
+    envs' states or not, so the loop cannot change midway (runs recorded before the choice existed
+    stepped on the host)."""
+    path = run_dir / FINETUNE_RECORD
+    if not path.is_file():
+        return settings
+    recorded = json.loads(path.read_text()).get("env_loop", "host")
+    if recorded != settings.env_loop:
+        print(f"resuming {run_dir}: its envs stepped on the {recorded}, so they continue there")
+    return dataclasses.replace(settings, env_loop=recorded)
+
+
 def finetune(args: FinetuneArgs) -> Path:
     """Run ``o2o finetune``; returns the run directory."""
     settings = args.finetune
@@ -610,6 +623,7 @@ def finetune(args: FinetuneArgs) -> Path:
     seeds = [int(s) for s in record["seeds"]]
     run_dir = args.run_dir or Path("runs") / f"wsrl_{_dataset_name(env_id)}_s{seeds[0]}_{_stamp()}"
     _prepare_run_dir(run_dir, args.resume, args.overwrite)
+    settings = _resumed_env_loop(run_dir, settings) if args.resume else settings
     make_env, (observation_space, action_space) = _make_env_checked(env_id)
     reward_scale, reward_bias = float(record["reward_scale"]), float(record["reward_bias"])
     if (reward_scale, reward_bias) != (1.0, 0.0):

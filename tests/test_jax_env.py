@@ -45,3 +45,16 @@ def test_fine_tuning_steps_o2o_envs_on_the_device_with_the_training_rewards_and_
     assert type(device_envs(ORBIT, "device").core).__name__ == "OrbitCorrectionCore"
     assert device_envs(ORBIT, "host") is None
     assert device_envs("Pendulum-v1", "device") is None
+
+
+def test_a_resumed_fine_tuning_keeps_the_env_loop_its_checkpoints_were_written_with(tmp_path, capsys):
+    import json
+
+    from experiments.offline_to_online import FINETUNE_RECORD, FinetuneSettings, _resumed_env_loop
+
+    assert _resumed_env_loop(tmp_path, FinetuneSettings(env_loop="host")).env_loop == "host"  # nothing recorded yet
+    (tmp_path / FINETUNE_RECORD).write_text(json.dumps({"agent": "sac"}))  # written before the choice existed
+    assert _resumed_env_loop(tmp_path, FinetuneSettings()).env_loop == "host"
+    assert "continue there" in capsys.readouterr().out
+    (tmp_path / FINETUNE_RECORD).write_text(json.dumps({"env_loop": "device"}))
+    assert _resumed_env_loop(tmp_path, FinetuneSettings(env_loop="host")).env_loop == "device"
