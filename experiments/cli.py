@@ -48,6 +48,10 @@ class TrainArgs:
     """Start over in a --run-dir that already holds checkpoints."""
     progress: bool | None = None
     """Show the progress bar (default: when stderr is a terminal)."""
+    env_loop: Literal["device", "host"] = "device"
+    """Where o2o's own environments step: on the device (off-policy: a stretch of steps per compiled
+    call; on-policy: collection and update in one call per iteration), or one step at a time through
+    their gymnasium face. Other environments always step on the host."""
     sac: SACConfig = SACConfig()
     """SAC hyperparameters (--agent sac)."""
     tbsac: TBSACConfig = TBSACConfig()
@@ -125,6 +129,11 @@ def _print_final(evaluations: list[dict[str, Any]], total_steps: int, episodes: 
     print(f"run directory: {run_dir}")
 
 
+def _on_device(args: TrainArgs) -> bool:
+    """Whether the training envs step on the device: o2o's own environments, unless --env-loop host."""
+    return args.env_loop == "device" and args.env in registry.PROJECT_ENVS
+
+
 def train_on_policy_agent(args: TrainArgs) -> Path:
     """``o2o train --agent ppo|loop``: the rollout loop of :mod:`rl.rollouts`."""
     from experiments.on_policy import train_agent
@@ -143,6 +152,7 @@ def train_on_policy_agent(args: TrainArgs) -> Path:
         resume=args.resume,
         progress=args.progress,
         score_fn=score_function(args.env),
+        jax_native=_on_device(args),
     )
     _print_final(evaluations, schedule.total_steps, schedule.eval_episodes, run_dir)
     return run_dir
@@ -161,8 +171,7 @@ def train(args: TrainArgs) -> Path:
     observation_space, action_space = probe.observation_space, probe.action_space
     probe.close()
     seeds = list(range(args.seed, args.seed + args.num_seeds))
-    # o2o's own environments step on the device, a stretch of steps per compiled call.
-    jax_env = JaxEnvSpec(*registry.make_jax(args.env)) if args.env in registry.PROJECT_ENVS else None
+    jax_env = JaxEnvSpec(*registry.make_jax(args.env)) if _on_device(args) else None
     _, evaluations = train_online(
         create_agent=lambda key: agent_cls.create(key, observation_space, action_space, agent_config),
         make_env=make_env,

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rl import xla_cpu
-from rl.checkpoint import Checkpointer
+from rl.checkpoint import CheckpointMismatch, Checkpointer
 from rl.data import replay
 from rl.evaluation import episode_seed, run_episodes
 from rl.logging import Progress, RunLogger
@@ -294,6 +294,7 @@ def train_online(
     step, eval_round, elapsed_before = 0, 0, 0.0
     resume_step = checkpointer.latest_step() if resume else None
     if resume_step is not None:
+        _check_env_loop_of_checkpoint(checkpointer.restore_host(resume_step), jax_env is not None, run_dir)
         state, host = checkpointer.restore({"agent": agent, "buffer": buffer, **envs.state()}, resume_step, what=str(run_dir))
         agent, buffer = state["agent"], state["buffer"]
         step, eval_round, elapsed_before = int(host["step"]), int(host["eval_round"]), float(host["elapsed_s"])
@@ -340,6 +341,19 @@ def train_online(
         logger.close()
         checkpointer.close()
     return agent, evaluate.rows
+
+
+def _check_env_loop_of_checkpoint(host: dict[str, Any], on_device: bool, run_dir: Path) -> None:
+    """Refuse to resume a run in the other env loop than the one that wrote its checkpoints (the
+    device loop checkpoints env states, the host loop the episodes to replay)."""
+    written_on_device = "episode_return_sums" in host
+    if written_on_device != on_device:
+        where = "device" if written_on_device else "host"
+        raise CheckpointMismatch(
+            f"{run_dir}: its checkpoints were written with the training envs stepping on the {where}; resume it "
+            f"the same way ({'pass the env core as jax_env' if written_on_device else 'without jax_env'}; "
+            f"on the command line --env-loop {where} or --finetune.env-loop {where})"
+        )
 
 
 def device_action_map(jax_env: JaxEnvSpec, observation_space: gym.Space, action_space: gym.Space) -> Callable[[jax.Array], jax.Array]:

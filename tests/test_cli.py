@@ -52,6 +52,15 @@ def test_off_policy_training_on_an_o2o_env_steps_its_jax_core_on_the_device(tmp_
     assert [r["step"] for r in rows if r["phase"] == "eval"] == [200]
     assert all("episode_return" in r for r in rows if r["phase"] == "train")
 
+    # Its checkpoints hold device env states: resuming through the gymnasium face is refused by name.
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--env", "o2o/OrbitCorrection-v0", "--steps", "400", "--run-dir", str(run_dir), "--resume",
+              "--env-loop", "host", *QUICK])
+    assert "stepping on the device" in str(stop.value.code)
+    main(["train", "--env", "o2o/OrbitCorrection-v0", "--steps", "200", "--run-dir", str(tmp_path / "host"),
+          "--env-loop", "host", *QUICK])
+    assert seen["jax_env"] is None
+
 
 def test_plot_writes_a_png_of_the_runs(tmp_path):
     run_dir = tmp_path / "run"
