@@ -228,6 +228,7 @@ def train_online(
     offline_source: replay.ReplayBuffer | None = None,
     offline_ratio: float = 0.0,
     jax_env: JaxEnvSpec | None = None,
+    on_evaluation: Callable[[int, Any], None] | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Run online training for every seed in ``seeds`` at once; returns the seed-stacked agent
     and the evaluation rows.
@@ -239,7 +240,9 @@ def train_online(
     online buffer; at 0 the offline data is never read. ``stop_at`` ends the call after that step without a final
     checkpoint, exactly as a killed process would (used to test resume). With ``jax_env`` (the
     functional core of the env ``make_env`` builds) the training envs step on the device, a whole
-    stretch of steps per jitted call; ``make_env`` then only serves evaluation.
+    stretch of steps per jitted call; ``make_env`` then only serves evaluation. ``on_evaluation(step,
+    agent)`` is called after every evaluation with the seed-stacked agent (copy what you keep: the
+    loop goes on with the agent's buffers).
     """
     if not 0.0 <= offline_ratio <= 1.0:
         raise ValueError(f"offline_ratio must lie in [0, 1], got {offline_ratio}")
@@ -332,6 +335,8 @@ def train_online(
                 bar.update(step, rate, last_score, phase="warmup" if step <= config.warmup_steps else "online")
             if step % config.eval_interval == 0 or step == config.total_steps:
                 last_score = evaluate(agent, step)
+                if on_evaluation is not None:
+                    on_evaluation(step, agent)
             if step == config.total_steps or (config.checkpoint_interval and step % config.checkpoint_interval == 0):
                 save_checkpoint()
             if stop_at is not None and step >= stop_at:

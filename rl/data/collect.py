@@ -261,10 +261,10 @@ def train_behaviour_agent(
 ) -> BehaviourRun:
     """Train one agent with :func:`rl.loops.train_online`, keeping a snapshot at every evaluation.
 
-    The run is driven in segments of ``config.eval_interval`` steps (``stop_at`` + ``resume``), so
-    each segment's agent can be kept; the replay buffer of the final checkpoint holds every
-    transition, in order (the capacity must cover the run). With ``jax_env`` (the functional core
-    of ``make_env``'s env) the training envs step on the device.
+    One run; the agent is copied after every evaluation (``on_evaluation``), and the replay buffer
+    of the final checkpoint holds every transition, in order (the capacity must cover the run).
+    With ``jax_env`` (the functional core of ``make_env``'s env) the training envs step on the
+    device.
     """
     if config.buffer_capacity < config.total_steps:
         raise ValueError(
@@ -274,21 +274,18 @@ def train_behaviour_agent(
     run_dir = Path(run_dir)
     if (run_dir / "checkpoints").exists():
         shutil.rmtree(run_dir / "checkpoints")
-    config = dataclasses.replace(config, checkpoint_interval=config.eval_interval)
-    steps, returns, agents = [], [], []
-    agent = None
-    step = 0
-    while step < config.total_steps:
-        stop = min(step + config.eval_interval, config.total_steps)
-        agent, rows = train_online(
-            create_agent, make_env, config, [seed], run_dir, resume=step > 0, progress=progress, stop_at=stop,
-            jax_env=jax_env,
-        )
-        step = stop
-        at_step = [row["eval_return"] for row in rows if row["step"] == step]
-        steps.append(step)
-        returns.append(float(np.mean(at_step)))
-        agents.append(jax.device_get(jax.tree.map(lambda leaf: leaf[0], agent)))
+    snapshots: dict[int, Any] = {}
+
+    def keep(step: int, agent: Any) -> None:
+        if step > 0:
+            snapshots[step] = jax.device_get(jax.tree.map(lambda leaf: leaf[0], agent))
+
+    agent, rows = train_online(
+        create_agent, make_env, config, [seed], run_dir, progress=progress, jax_env=jax_env, on_evaluation=keep
+    )
+    steps = sorted(snapshots)
+    returns = [float(np.mean([row["eval_return"] for row in rows if row["step"] == step])) for step in steps]
+    agents = [snapshots[step] for step in steps]
     replay_data = _replay_from_checkpoint(run_dir, agent, make_env, config)
     return BehaviourRun(tuple(steps), tuple(returns), tuple(agents), replay_data)
 
