@@ -319,7 +319,11 @@ def train_online(
         }
         checkpointer.save(step, {"agent": agent, "buffer": buffer, **envs.state()}, host)
 
-    last_score = evaluate(agent, step) if (config.eval_at_start and step == 0) else None
+    last_score = None
+    if config.eval_at_start and step == 0:
+        last_score = evaluate(agent, step)
+        if on_evaluation is not None:
+            on_evaluation(step, agent)
     try:
         while step < config.total_steps:
             stop = _next_stop(step, config, stop_at)

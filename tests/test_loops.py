@@ -184,3 +184,11 @@ def test_device_action_map_follows_a_unit_rescale_and_rejects_other_wrappers():
         device_action_map(jax_env, observations, gym.spaces.Box(0.0, 1.0, (2,)))
     with pytest.raises(ValueError, match="observation space"):
         device_action_map(jax_env, gym.spaces.Box(-1.0, 1.0, (3,)), bounds)
+
+
+def test_on_evaluation_sees_the_agent_at_every_evaluation_step(tmp_path):
+    seen = []
+    _, rows = run(tmp_path / "run", config=dataclasses.replace(SCHEDULE, eval_at_start=True),
+                  on_evaluation=lambda step, agent: seen.append((step, int(agent.critic.step[0]))))
+    assert [step for step, _ in seen] == [r["step"] for r in rows if r["phase"] == "eval"] == [0, 250, 500]
+    assert [updates for _, updates in seen] == [0, 150, 400]  # the agent as trained up to each step (warm-up 100)
