@@ -41,6 +41,18 @@ def check_signature(expected: Mapping[str, list[int]], found: Mapping[str, list[
             )
 
 
+def check_env_loop(recorded: str | None, current: str, what: str) -> None:
+    """Raise :class:`CheckpointMismatch` when a run's checkpoints were written with its training
+    envs stepping elsewhere (``"device"`` or ``"host"``) than where this resume would step them: the
+    two loops checkpoint different env state. ``recorded`` None (no record) passes."""
+    if recorded is not None and recorded != current:
+        raise CheckpointMismatch(
+            f"{what}: its checkpoints were written with the training envs stepping on the {recorded}; resume it the "
+            f"same way (--env-loop {recorded} on the command line, --finetune.env-loop {recorded} for o2o finetune, "
+            f"or {'a' if recorded == 'device' else 'no'} jax_env in the Python API)"
+        )
+
+
 class Checkpointer:
     """Saves and restores ``(state pytree, host JSON)`` pairs under ``directory/<step>``."""
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rl import xla_cpu
-from rl.checkpoint import CheckpointMismatch, Checkpointer
+from rl.checkpoint import Checkpointer, check_env_loop
 from rl.data import replay
 from rl.evaluation import episode_seed, run_episodes
 from rl.logging import Progress, RunLogger
@@ -294,10 +294,11 @@ def train_online(
         envs = _DeviceEnvs(jax_env, action_map, loop_keys, random_actions, policy_actions, add_and_update)
 
     checkpointer = Checkpointer(run_dir / "checkpoints")
+    env_loop = "host" if jax_env is None else "device"
     step, eval_round, elapsed_before = 0, 0, 0.0
     resume_step = checkpointer.latest_step() if resume else None
     if resume_step is not None:
-        _check_env_loop_of_checkpoint(checkpointer.restore_host(resume_step), jax_env is not None, run_dir)
+        check_env_loop(_recorded_env_loop(checkpointer.restore_host(resume_step)), env_loop, str(run_dir))
         state, host = checkpointer.restore({"agent": agent, "buffer": buffer, **envs.state()}, resume_step, what=str(run_dir))
         agent, buffer = state["agent"], state["buffer"]
         step, eval_round, elapsed_before = int(host["step"]), int(host["eval_round"]), float(host["elapsed_s"])
@@ -315,6 +316,7 @@ def train_online(
             "step": step,
             "eval_round": evaluate.round,
             "elapsed_s": elapsed_before + time.perf_counter() - start_time,
+            "env_loop": env_loop,
             **envs.host_state(),
         }
         checkpointer.save(step, {"agent": agent, "buffer": buffer, **envs.state()}, host)
@@ -352,17 +354,10 @@ def train_online(
     return agent, evaluate.rows
 
 
-def _check_env_loop_of_checkpoint(host: dict[str, Any], on_device: bool, run_dir: Path) -> None:
-    """Refuse to resume a run in the other env loop than the one that wrote its checkpoints (the
-    device loop checkpoints env states, the host loop the episodes to replay)."""
-    written_on_device = "episode_return_sums" in host
-    if written_on_device != on_device:
-        where = "device" if written_on_device else "host"
-        raise CheckpointMismatch(
-            f"{run_dir}: its checkpoints were written with the training envs stepping on the {where}; resume it "
-            f"the same way ({'pass the env core as jax_env' if written_on_device else 'without jax_env'}; "
-            f"on the command line --env-loop {where} or --finetune.env-loop {where})"
-        )
+def _recorded_env_loop(host: dict[str, Any]) -> str:
+    """Where a checkpoint's training envs stepped; checkpoints without the record are told apart by
+    their host state (the device loop keeps finished-episode sums, the host loop episodes to replay)."""
+    return host.get("env_loop") or ("device" if "episode_return_sums" in host else "host")
 
 
 def device_action_map(jax_env: JaxEnvSpec, observation_space: gym.Space, action_space: gym.Space) -> Callable[[jax.Array], jax.Array]:

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rl.checkpoint import Checkpointer
+from rl.checkpoint import Checkpointer, check_env_loop
 from rl.evaluation import run_episodes
 from rl.logging import METRICS_JSONL, Progress, RunLogger, read_metrics
 from rl.update import stack_seeds
@@ -552,8 +552,10 @@ def train_on_policy(
     counters = np.zeros(num_seeds, np.int64)
     last_eval_step = np.full(num_seeds, -1, np.int64)
     next_log = np.full(num_seeds, config.log_interval, np.int64)
+    env_loop = "host" if jax_env is None else "device"
     resume_step = checkpointer.latest_step() if resume else None
     if resume_step is not None:
+        check_env_loop(checkpointer.restore_host(resume_step).get("env_loop"), env_loop, str(run_dir))
         state, host = checkpointer.restore({"agent": agent, **backend.state()}, resume_step, what=str(run_dir))
         # Restored arrays come back committed to a device; uncommitted copies hit the same
         # compiled functions as a fresh run instead of compiling them again.
@@ -604,6 +606,7 @@ def train_on_policy(
             "eval_round": eval_round.tolist(),
             "last_eval_step": last_eval_step.tolist(),
             "next_log": next_log.tolist(),
+            "env_loop": env_loop,
         }
         checkpointer.save(iteration, {"agent": agent, **backend.state()}, host)
 

@@ -30,3 +30,12 @@ def test_a_partial_restore_still_checks_the_shapes_it_reads(tmp_path):
         checkpointer.restore({"buffer": jnp.zeros(5)}, partial=True)
     with pytest.raises(CheckpointMismatch, match="lacks"):
         checkpointer.restore({"agent": jnp.zeros(1)}, partial=True)
+
+
+def test_a_run_resumes_only_in_the_env_loop_that_wrote_its_checkpoints():
+    from rl.checkpoint import check_env_loop
+
+    check_env_loop("device", "device", "run")
+    check_env_loop(None, "host", "run")  # written before the record existed: nothing to compare
+    with pytest.raises(CheckpointMismatch, match="run: .*stepping on the host.*--env-loop host"):
+        check_env_loop("host", "device", "run")

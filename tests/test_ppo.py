@@ -15,7 +15,8 @@ import pytest
 
 from agents.ppo import PPO, PPOConfig, RunningMoments
 from envs import registry
-from envs.jax_env import JaxEnv, StepResult
+from envs.jax_env import GymnasiumFace, JaxEnv, StepResult
+from rl.checkpoint import CheckpointMismatch
 from rl.logging import read_metrics
 from rl.rollouts import (
     HostCollector,
@@ -247,6 +248,10 @@ def test_train_on_jax_env_is_jitted_logs_rows_and_resumes_exactly(tmp_path):
     assert resumed_evaluations == [row for row in evaluations if row["step"] == 1600]
     strip = lambda row: {k: v for k, v in row.items() if k != "steps_per_s"}  # noqa: E731
     assert [strip(row) for row in read_metrics(tmp_path / "b")] == [strip(row) for row in rows]
+    # Those checkpoints hold device env state: resuming them through a host env is refused by name.
+    host_env = lambda: GymnasiumFace(core, params)  # noqa: E731
+    with pytest.raises(CheckpointMismatch, match="stepping on the device"):
+        train_on_policy(create, schedule, [0, 1], tmp_path / "b", make_env=host_env, progress=False, resume=True)
 
 
 # ----------------------------------------------------------------------------- learning (slow)
