@@ -92,6 +92,12 @@ def check_spaces(env: gym.Env, continuous_actions: bool | None = None) -> None:
         raise EnvError(f"the Box action space must be bounded, got low={action_space.low}, high={action_space.high}")
 
 
+def steps_on_device(env_id: str, env_loop: str = "device") -> bool:
+    """Whether training on ``env_id`` steps its envs on the device: it has a JAX core and the
+    caller's ``env_loop`` choice is ``"device"`` (``"host"`` steps the gymnasium face)."""
+    return env_loop == "device" and env_id in PROJECT_ENVS
+
+
 def make_jax(env_id: str, **kwargs: Any):
     """The functional JAX core of a project environment (for fully jitted rollouts)."""
     if env_id not in PROJECT_ENVS:

@@ -129,11 +129,6 @@ def _print_final(evaluations: list[dict[str, Any]], total_steps: int, episodes: 
     print(f"run directory: {run_dir}")
 
 
-def _on_device(args: TrainArgs) -> bool:
-    """Whether the training envs step on the device: o2o's own environments, unless --env-loop host."""
-    return args.env_loop == "device" and args.env in registry.PROJECT_ENVS
-
-
 def train_on_policy_agent(args: TrainArgs) -> Path:
     """``o2o train --agent ppo|loop``: the rollout loop of :mod:`rl.rollouts`."""
     from experiments.on_policy import train_agent
@@ -152,7 +147,7 @@ def train_on_policy_agent(args: TrainArgs) -> Path:
         resume=args.resume,
         progress=args.progress,
         score_fn=score_function(args.env),
-        jax_native=_on_device(args),
+        jax_native=registry.steps_on_device(args.env, args.env_loop),
     )
     _print_final(evaluations, schedule.total_steps, schedule.eval_episodes, run_dir)
     return run_dir
@@ -171,7 +166,7 @@ def train(args: TrainArgs) -> Path:
     observation_space, action_space = probe.observation_space, probe.action_space
     probe.close()
     seeds = list(range(args.seed, args.seed + args.num_seeds))
-    jax_env = JaxEnvSpec(*registry.make_jax(args.env)) if _on_device(args) else None
+    jax_env = JaxEnvSpec(*registry.make_jax(args.env)) if registry.steps_on_device(args.env, args.env_loop) else None
     _, evaluations = train_online(
         create_agent=lambda key: agent_cls.create(key, observation_space, action_space, agent_config),
         make_env=make_env,

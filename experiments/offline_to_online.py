@@ -348,7 +348,7 @@ def device_envs(env_id: str, env_loop: str, reward_scale: float = 1.0, reward_bi
     """The functional core the online loop steps on the device, with the rewards of the gymnasium
     training env (``scale * r + bias``); None where the envs step on the host (``env_loop``
     "host", or an environment without a JAX core)."""
-    if env_loop != "device" or env_id not in registry.PROJECT_ENVS:
+    if not registry.steps_on_device(env_id, env_loop):
         return None
     core, params = registry.make_jax(env_id)
     if (reward_scale, reward_bias) != (1.0, 0.0):

@@ -99,7 +99,7 @@ def train_agent(
         raise ValueError(f"unknown on-policy agent '{agent_name}'; known: {', '.join(AGENTS)}")
     config = agent_config if agent_config is not None else AGENTS[agent_name][1]()
     if jax_native is None:
-        jax_native = env_id in registry.PROJECT_ENVS
+        jax_native = registry.steps_on_device(env_id)
     common = dict(config=schedule, seeds=seeds, run_dir=run_dir, run_config=run_config, resume=resume, progress=progress, score_fn=score_fn)
     if jax_native:
         core, params = registry.make_jax(env_id)
