@@ -20,6 +20,7 @@ from experiments import presets
 from rl import compilation_cache
 from rl.checkpoint import CheckpointMismatch
 from rl.data.datasets import DatasetError, normalised_score, reference_scores
+from rl.logging import LogSinks, metric_sinks
 from rl.loops import OnlineConfig, train_online
 from rl.rollouts import JaxEnvSpec, OnPolicyConfig
 
@@ -48,6 +49,8 @@ class TrainArgs:
     """Start over in a --run-dir that already holds checkpoints."""
     progress: bool | None = None
     """Show the progress bar (default: when stderr is a terminal)."""
+    log: LogSinks = LogSinks()
+    """Extra metric sinks: --log.tensorboard, --log.wandb-project NAME (the metric files are always written)."""
     env_loop: Literal["device", "host"] = "device"
     """Where o2o's own environments step: on the device (off-policy: a stretch of steps per compiled
     call; on-policy: collection and update in one call per iteration), or one step at a time through
@@ -236,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
 
     compilation_cache.enable()
     try:
-        handlers[type(args)](args)
+        with metric_sinks(getattr(args, "log", LogSinks())):
+            handlers[type(args)](args)
     except (registry.EnvError, DatasetError, CheckpointMismatch, *ERRORS) as error:
         raise SystemExit(f"o2o: {error}") from None
 

@@ -45,8 +45,9 @@ from envs.jax_env import RewardTransformed
 from rl import compilation_cache
 from rl.checkpoint import CheckpointMismatch, Checkpointer
 from rl.data import collect as collect_lib
+from rl.extras import MissingExtra
 from rl.data import datasets, replay
-from rl.logging import plot_runs, write_json_atomic
+from rl.logging import LogSinks, metric_sinks, plot_runs, write_json_atomic
 from rl.loops import OfflineConfig, OnlineConfig, train_offline, train_online
 from rl.rollouts import JaxEnvSpec
 from rl.types import transition_like
@@ -158,6 +159,8 @@ class CollectArgs:
     """Also write each dataset to Minari storage under '<minari-id>-<recipe>-v0' (needs the minari extra)."""
     progress: bool | None = None
     """Show progress bars (default: when stderr is a terminal)."""
+    log: LogSinks = LogSinks()
+    """Extra metric sinks: --log.tensorboard, --log.wandb-project NAME (the metric files are always written)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +183,8 @@ class PretrainArgs:
     """Start over in a --run-dir that already holds checkpoints."""
     progress: bool | None = None
     """Show the progress bar (default: when stderr is a terminal)."""
+    log: LogSinks = LogSinks()
+    """Extra metric sinks: --log.tensorboard, --log.wandb-project NAME (the metric files are always written)."""
     pretrain: PretrainSettings = PretrainSettings()
     """Pre-training settings."""
 
@@ -202,6 +207,8 @@ class FinetuneArgs:
     """Start over in a --run-dir that already holds checkpoints."""
     progress: bool | None = None
     """Show the progress bar (default: when stderr is a terminal)."""
+    log: LogSinks = LogSinks()
+    """Extra metric sinks: --log.tensorboard, --log.wandb-project NAME (the metric files are always written)."""
     finetune: FinetuneSettings = FinetuneSettings()
     """Online fine-tuning settings."""
 
@@ -226,6 +233,8 @@ class RunArgs:
     """Start over in a --run-dir that already holds checkpoints."""
     progress: bool | None = None
     """Show progress bars (default: when stderr is a terminal)."""
+    log: LogSinks = LogSinks()
+    """Extra metric sinks: --log.tensorboard, --log.wandb-project NAME (the metric files are always written)."""
     pretrain: PretrainSettings = PretrainSettings()
     """Pre-training settings."""
     finetune: FinetuneSettings = FinetuneSettings()
@@ -290,6 +299,8 @@ class QuickstartArgs:
     """Replace an earlier quickstart in --out-dir."""
     progress: bool | None = None
     """Show progress bars (default: when stderr is a terminal)."""
+    log: LogSinks = LogSinks()
+    """Extra metric sinks: --log.tensorboard, --log.wandb-project NAME (the metric files are always written)."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -932,7 +943,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
 }
 """Command name -> (args dataclass, function taking the parsed args)."""
 
-ERRORS = (ConfigError, datasets.DatasetError, CheckpointMismatch, registry.EnvError, ValueError)
+ERRORS = (ConfigError, datasets.DatasetError, CheckpointMismatch, registry.EnvError, ValueError, MissingExtra)
 """Exceptions the CLI turns into a one-line message and a non-zero exit."""
 
 
@@ -949,7 +960,8 @@ def main(argv: list[str] | None = None) -> None:
     function = next(fn for cls, fn in COMMANDS.values() if isinstance(args, cls))
     compilation_cache.enable()
     try:
-        function(args)
+        with metric_sinks(args.log):
+            function(args)
     except ERRORS as error:
         raise SystemExit(f"o2o: {error}") from None
 

@@ -3,6 +3,8 @@ rich progress bars, and learning-curve plots."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import dataclasses
 import importlib.metadata
@@ -14,11 +16,12 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 
+from rl.extras import import_extra
 from rl.host import cpuinfo_lines
 from rl.prng import unrolled_threefry
 
@@ -124,12 +127,47 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(temporary, path)
 
 
+@dataclasses.dataclass(frozen=True)
+class LogSinks:
+    """Where metric rows go besides the run directory's ``metrics.jsonl`` / ``metrics.csv``."""
+
+    tensorboard: bool = False
+    """Also write TensorBoard event files to <run dir>/tensorboard (needs the tensorboard extra)."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs the wandb extra; WANDB_MODE=offline works without a network)."""
+    wandb_group: str | None = None
+    """W&B group of the runs (default: none); every stage of a command is its own W&B run."""
+
+
+_CURRENT_SINKS: contextvars.ContextVar[LogSinks] = contextvars.ContextVar("o2o_log_sinks", default=LogSinks())
+
+
+@contextlib.contextmanager
+def metric_sinks(sinks: LogSinks) -> Iterator[LogSinks]:
+    """Every :class:`RunLogger` opened inside this block (and given no sinks) also writes to ``sinks``.
+
+    A scope rather than a parameter of every training loop: where the metrics go is the command's
+    choice, and the loops, which only open a logger, need not carry it.
+    """
+    token = _CURRENT_SINKS.set(sinks)
+    try:
+        yield sinks
+    finally:
+        _CURRENT_SINKS.reset(token)
+
+
+def current_sinks() -> LogSinks:
+    """The sinks of the innermost :func:`metric_sinks` block (none outside any)."""
+    return _CURRENT_SINKS.get()
+
+
 class RunLogger:
     """Writes ``config.json`` once and appends metric rows to ``metrics.jsonl`` / ``metrics.csv``.
 
     On resume, rows logged after the checkpoint step are dropped first, so a resumed run's files
-    read exactly like an uninterrupted run's. TensorBoard (``tensorboardX``) and W&B are used when
-    requested and installed.
+    read exactly like an uninterrupted run's. TensorBoard (``tensorboardX``) and W&B also receive
+    every row when ``sinks`` (default: :func:`current_sinks`) asks for them; a missing extra is an
+    error that names it. TensorBoard tags are ``<metric>/seed<k>`` for per-seed rows.
     """
 
     def __init__(
@@ -137,9 +175,9 @@ class RunLogger:
         run_dir: Path,
         config: Any,
         resume_step: int | None = None,
-        tensorboard: bool = False,
-        wandb_project: str | None = None,
+        sinks: LogSinks | None = None,
     ) -> None:
+        sinks = current_sinks() if sinks is None else sinks
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.run_dir / METRICS_JSONL
@@ -152,8 +190,8 @@ class RunLogger:
             self._rewrite()
         elif self.jsonl_path.exists():
             self.jsonl_path.unlink()
-        self._tensorboard = _open_tensorboard(self.run_dir) if tensorboard else None
-        self._wandb = _open_wandb(wandb_project, self.run_dir, record) if wandb_project else None
+        self._tensorboard = _open_tensorboard(self.run_dir) if sinks.tensorboard else None
+        self._wandb = _open_wandb(sinks, self.run_dir, record) if sinks.wandb_project else None
 
     def log(self, row: Mapping[str, Any]) -> None:
         """Append one metric row (must contain ``step``)."""
@@ -162,12 +200,10 @@ class RunLogger:
         with self.jsonl_path.open("a") as handle:
             handle.write(json.dumps(clean) + "\n")
         if self._tensorboard is not None:
-            suffix = f"/seed{clean['seed']}" if "seed" in clean else ""
-            for key, value in clean.items():
-                if isinstance(value, (int, float)) and key not in ("step", "seed"):
-                    self._tensorboard.add_scalar(f"{key}{suffix}", value, clean["step"])
+            for tag, value in tagged_scalars(clean).items():
+                self._tensorboard.add_scalar(tag, value, clean["step"])
         if self._wandb is not None:
-            self._wandb.log(clean, step=int(clean["step"]))
+            self._wandb.log({"step": clean["step"], **tagged_scalars(clean)})
 
     def close(self) -> None:
         """Write the CSV view and close optional sinks."""
@@ -201,20 +237,36 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+def tagged_scalars(row: Mapping[str, Any]) -> dict[str, float]:
+    """A metric row's numbers under TensorBoard / W&B tags: ``<metric>/seed<k>`` for a seed's row,
+    so the seeds' rows of one step stay apart (step, seed and text fields are not scalars)."""
+    suffix = f"/seed{row['seed']}" if "seed" in row else ""
+    return {
+        f"{key}{suffix}": float(value)
+        for key, value in row.items()
+        if isinstance(value, (int, float)) and key not in ("step", "seed")
+    }
+
+
 def _open_tensorboard(run_dir: Path):
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError as error:
-        raise RuntimeError("TensorBoard logging needs the extra: pip install 'o2o[tensorboard]'") from error
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    tensorboardx = import_extra("tensorboardX", "tensorboard", "TensorBoard logging")
+    return tensorboardx.SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _open_wandb(project: str, run_dir: Path, record: Mapping[str, Any]):
-    try:
-        import wandb
-    except ImportError as error:
-        raise RuntimeError("W&B logging needs the extra: pip install 'o2o[wandb]'") from error
-    return wandb.init(project=project, dir=str(run_dir), config=to_jsonable(record), name=run_dir.name)
+def _open_wandb(sinks: LogSinks, run_dir: Path, record: Mapping[str, Any]):
+    wandb = import_extra("wandb", "wandb", "W&B logging")
+    # Rows arrive per seed and per stage, not in step order: W&B's own step only counts rows, and
+    # every chart plots against the logged "step".
+    run = wandb.init(
+        project=sinks.wandb_project,
+        group=sinks.wandb_group,
+        dir=str(run_dir),
+        config=to_jsonable(record),
+        name=f"{run_dir.parent.name}/{run_dir.name}",
+        reinit="create_new",
+    )
+    run.define_metric("*", step_metric="step")
+    return run
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
