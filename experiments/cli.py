@@ -17,6 +17,7 @@ from agents.sac import SAC, SACConfig
 from agents.tbsac import TBSAC, TBSACConfig
 from envs import registry
 from experiments import presets
+from experiments.sweep import SweepArgs, SweepError, sweep
 from rl import compilation_cache
 from rl.checkpoint import CheckpointMismatch
 from rl.data.datasets import DatasetError, normalised_score, reference_scores
@@ -212,21 +213,21 @@ def _split_preset(argv: list[str]) -> tuple[list[str], str | None]:
     return argv[:index] + argv[index + 2 :], argv[index + 1]
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``o2o`` console script. Compiled programs are kept between runs
-    (:mod:`rl.compilation_cache`; ``O2O_COMPILATION_CACHE=off`` turns that off)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv, preset = _split_preset(argv)
+def parse_args(argv: list[str]) -> tuple[Any, Any]:
+    """Parse an ``o2o`` command line into its args dataclass and the function that runs it; bad
+    flags or values exit with tyro's message, a failed config check with one line."""
+    argv, preset = _split_preset(list(argv))
     train_default = TrainArgs()
     if preset is not None:
         try:
             train_default = _apply_preset(train_default, presets.load(preset))
         except ValueError as error:
             raise SystemExit(f"o2o: {error}") from None
-    handlers: dict[type, Any] = {TrainArgs: train, PlotArgs: plot}
+    handlers: dict[type, Any] = {TrainArgs: train, PlotArgs: plot, SweepArgs: sweep}
     choices: list[Any] = [
         Annotated[TrainArgs, tyro.conf.subcommand("train", default=train_default)],
         Annotated[PlotArgs, tyro.conf.subcommand("plot")],
+        Annotated[SweepArgs, tyro.conf.subcommand("sweep")],
     ]
     for name, (args_type, handler) in _offline_to_online_commands().items():
         handlers[args_type] = handler
@@ -235,13 +236,20 @@ def main(argv: list[str] | None = None) -> None:
         args = tyro.cli(Union[tuple(choices)], args=argv, prog="o2o")
     except ValueError as error:  # config __post_init__ checks
         raise SystemExit(f"o2o: {error}") from None
+    return args, handlers[type(args)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``o2o`` console script. Compiled programs are kept between runs
+    (:mod:`rl.compilation_cache`; ``O2O_COMPILATION_CACHE=off`` turns that off)."""
+    args, handler = parse_args(list(sys.argv[1:] if argv is None else argv))
     from experiments.offline_to_online import ERRORS
 
     compilation_cache.enable()
     try:
         with metric_sinks(getattr(args, "log", LogSinks())):
-            handlers[type(args)](args)
-    except (registry.EnvError, DatasetError, CheckpointMismatch, *ERRORS) as error:
+            handler(args)
+    except (registry.EnvError, DatasetError, CheckpointMismatch, SweepError, *ERRORS) as error:
         raise SystemExit(f"o2o: {error}") from None
 
 

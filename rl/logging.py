@@ -326,11 +326,14 @@ class Progress:
 
 
 def learning_curves(
-    run_dirs: Sequence[str | os.PathLike], metric: str = "eval_return"
+    run_dirs: Sequence[str | os.PathLike], metric: str = "eval_return", labels: Sequence[str] | None = None
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per run directory: (steps, values[seed, step]) of ``metric``, seeds aligned on steps."""
+    """Per run directory (keyed by ``labels``, default the directory names): (steps,
+    values[seed, step]) of ``metric``, seeds aligned on steps."""
+    if labels is not None and len(labels) != len(run_dirs):
+        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} run directories")
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for run_dir in run_dirs:
+    for index, run_dir in enumerate(run_dirs):
         rows = [row for row in read_metrics(run_dir) if metric in row and row[metric] is not None]
         if not rows:
             raise ValueError(f"{run_dir} has no '{metric}' rows")
@@ -339,7 +342,7 @@ def learning_curves(
         values = np.full((len(seeds), len(steps)), np.nan)
         for row in rows:
             values[seeds.index(row.get("seed", 0)), np.searchsorted(steps, row["step"])] = row[metric]
-        curves[Path(run_dir).name] = (steps, values)
+        curves[Path(run_dir).name if labels is None else labels[index]] = (steps, values)
     return curves
 
 
@@ -348,15 +351,17 @@ def plot_runs(
     out: str | os.PathLike,
     metric: str = "eval_return",
     title: str | None = None,
+    labels: Sequence[str] | None = None,
 ) -> Path:
-    """Draw mean ± std over seeds (and the min-max band) of ``metric`` for each run to a PNG."""
+    """Draw mean ± std over seeds (and the min-max band) of ``metric`` for each run to a PNG
+    (legend: ``labels``, default the directory names)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for label, (steps, values) in learning_curves(run_dirs, metric).items():
+    for label, (steps, values) in learning_curves(run_dirs, metric, labels).items():
         mean = np.nanmean(values, axis=0)
         std = np.nanstd(values, axis=0)
         line, = axes.plot(steps, mean, label=f"{label} (n={values.shape[0]})")

@@ -1,0 +1,436 @@
+"""``o2o sweep``: search an o2o command's settings with Ray Tune, on one machine or a Ray cluster.
+
+Every trial is the given ``o2o`` command (``train``, ``pretrain``, ``finetune`` or ``run``) with
+the trial's flag values added, run as its own process in its own run directory under
+``<out-dir>/trials/``: an ordinary o2o run (config, metrics, checkpoints, plots all as usual). The
+trial reports every evaluation to Tune as it appears in the run's ``metrics.jsonl`` (the mean over
+the run's seeds), so Tune's records hold the learning curve and its last report is the final
+score. The sweep writes ``sweep.csv`` / ``sweep.json`` (every trial's values, final score, spread
+over seeds and run directory, best first) and ``sweep.png`` (learning curves of the best trials).
+
+Search space: ``FLAG=V1,V2,...`` is a grid over those values (each value passed to the flag as
+written; a value with spaces gives the flag several words, e.g. ``sac.critic-hidden-dims=64 64,256
+256``); ``FLAG=uniform(a,b)``, ``loguniform(a,b)``, ``randint(a,b)`` (a <= n < b) and
+``choice(v1,v2,...)`` draw a value per trial. Grids multiply; ``--num-samples`` repeats the whole
+grid with new draws.
+
+Ray Tune does the scheduling (concurrent trials within ``--cpus-per-trial`` / ``--gpus-per-trial``,
+machines of a cluster with ``--address auto``); this module only turns the space into Tune's and a
+trial into an o2o process. On a cluster, ``--out-dir`` must be a directory every machine sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import tyro
+
+from rl.extras import import_extra
+from rl.logging import METRICS_JSONL, plot_runs, run_record, write_json_atomic
+
+SWEEPABLE_COMMANDS = ("train", "pretrain", "finetune", "run")
+"""o2o commands a sweep can run: those that take --run-dir and write evaluation metrics."""
+RESERVED_FLAGS = ("--run-dir", "--resume", "--overwrite")
+"""Flags the sweep sets itself (each trial starts fresh in its own run directory)."""
+SAMPLERS = ("uniform", "loguniform", "randint", "choice")
+TRIALS_DIR = "trials"
+TRIAL_LOG = "o2o.log"
+PLOTTED_TRIALS = 6
+"""sweep.png draws the learning curves of at most this many of the best trials."""
+
+
+class SweepError(ValueError):
+    """A sweep's command or search space cannot run; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepArgs:
+    """Search an o2o command's settings with Ray Tune (needs the sweep extra): one o2o run per trial."""
+
+    command: tyro.conf.Positional[str]
+    """The o2o command every trial runs, quoted, without 'o2o' and without --run-dir, e.g. 'train --env Pendulum-v1 --steps 20000 --num-seeds 3'."""
+    space: tuple[str, ...] = ()
+    """Search space, one entry per flag: FLAG=V1,V2 (grid), FLAG=uniform(a,b) | loguniform(a,b) | randint(a,b) | choice(v1,v2) (drawn per trial); FLAG as on the command line, without the dashes."""
+    num_samples: int = 1
+    """Times the whole grid is run (with new draws of the sampled flags each time)."""
+    metric: str = "eval_return"
+    """Metric column scored: its mean over the run's seeds at the last evaluation."""
+    mode: Literal["max", "min"] = "max"
+    """Whether a larger or a smaller metric is better."""
+    metrics_from: str | None = None
+    """Subdirectory of a trial's run directory whose metrics are scored (default: the run directory; 'wsrl' for 'run', 'online' for 'run --agent uni_o4')."""
+    out_dir: Path | None = None
+    """Sweep directory (default runs/sweep_<time>); trials go to <out-dir>/trials/<trial id>."""
+    cpus_per_trial: float = 1.0
+    """CPUs Ray reserves for each trial (trials run side by side while CPUs remain)."""
+    gpus_per_trial: float = 0.0
+    """GPUs Ray reserves for each trial (fractions share a GPU)."""
+    max_concurrent_trials: int = 0
+    """At most this many trials at once (0: as many as the reserved resources allow)."""
+    address: str | None = None
+    """Ray cluster to join ('auto' finds a running one); default: a Ray instance on this machine only."""
+    seed: int = 0
+    """Seed of the draws of the sampled flags (the trials' own seeds are the command's --seed)."""
+    dry_run: bool = False
+    """Check the command and list the trials without running them (needs no Ray)."""
+    poll_seconds: float = 2.0
+    """How often a trial looks for new evaluations in its run's metrics."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dimension:
+    """One flag of the search space: a grid of values, or a distribution drawn per trial."""
+
+    flag: str
+    kind: Literal["grid", "uniform", "loguniform", "randint", "choice"]
+    values: tuple[str, ...]
+
+    def describe(self) -> str:
+        """The dimension as the user wrote it."""
+        return ",".join(self.values) if self.kind == "grid" else f"{self.kind}({','.join(self.values)})"
+
+
+def parse_dimension(entry: str) -> Dimension:
+    """Parse one ``--space`` entry; errors name the entry."""
+    flag, separator, spec = entry.partition("=")
+    flag = flag.strip().removeprefix("--")
+    if not separator or not flag or not spec.strip():
+        raise SweepError(f"search space entry '{entry}' is not FLAG=VALUES (e.g. sac.actor-lr=1e-4,3e-4)")
+    if f"--{flag}" in RESERVED_FLAGS:
+        raise SweepError(f"search space entry '{entry}': the sweep sets --{flag} itself")
+    match = re.fullmatch(r"\s*(\w+)\((.*)\)\s*", spec)
+    if match and match.group(1) in SAMPLERS:
+        kind, arguments = match.group(1), tuple(value.strip() for value in match.group(2).split(","))
+        if kind == "choice":
+            if not all(arguments):
+                raise SweepError(f"search space entry '{entry}': choice() needs values")
+        else:
+            if len(arguments) != 2:
+                raise SweepError(f"search space entry '{entry}': {kind}() takes a lower and an upper bound")
+            try:
+                low, high = (int(value) if kind == "randint" else float(value) for value in arguments)
+            except ValueError:
+                raise SweepError(f"search space entry '{entry}': {kind}() bounds must be {'integers' if kind == 'randint' else 'numbers'}") from None
+            if not low < high or (kind == "loguniform" and low <= 0):
+                raise SweepError(f"search space entry '{entry}': {kind}() needs {'0 < ' if kind == 'loguniform' else ''}low < high")
+        return Dimension(flag, kind, arguments)
+    values = tuple(value.strip() for value in spec.split(","))
+    if not all(values):
+        raise SweepError(f"search space entry '{entry}' has an empty value")
+    return Dimension(flag, "grid", values)
+
+
+def parse_space(entries: tuple[str, ...]) -> tuple[Dimension, ...]:
+    """Parse every ``--space`` entry; a flag named twice is an error."""
+    dimensions = tuple(parse_dimension(entry) for entry in entries)
+    flags = [dimension.flag for dimension in dimensions]
+    repeated = sorted({flag for flag in flags if flags.count(flag) > 1})
+    if repeated:
+        raise SweepError(f"search space names {', '.join(repeated)} more than once")
+    return dimensions
+
+
+def trial_argv(base: list[str], values: dict[str, Any], run_dir: Path) -> list[str]:
+    """The o2o command line of one trial: the base command, each flag with its value (a value with
+    spaces as several words), and the trial's run directory."""
+    argv = list(base)
+    for flag, value in values.items():
+        argv += [f"--{flag}", *shlex.split(str(value))]
+    return argv + ["--run-dir", str(run_dir)]
+
+
+def check_command(base: list[str]) -> None:
+    """Refuse commands a sweep cannot run and flags it sets itself."""
+    if not base or base[0] not in SWEEPABLE_COMMANDS:
+        given = base[0] if base else "nothing"
+        raise SweepError(f"a sweep runs one of {', '.join(SWEEPABLE_COMMANDS)}; the command starts with {given}")
+    for word in base:
+        if word.split("=")[0] in RESERVED_FLAGS:
+            raise SweepError(f"the sweep's command must not set {word.split('=')[0]}: every trial gets its own run directory")
+
+
+def default_metrics_from(base: list[str]) -> str:
+    """Where a command's scored metrics are: its run directory, or the fine-tuning stage of ``run``."""
+    if base[0] != "run":
+        return "."
+    words = " ".join(base)
+    return "online" if re.search(r"--agent[ =]uni_o4", words) else "wsrl"
+
+
+def representative_values(dimensions: tuple[Dimension, ...]) -> list[dict[str, str]]:
+    """Value sets that together use every grid value and one value of each distribution: enough to
+    check every flag and value before any trial starts."""
+    longest = max((len(d.values) for d in dimensions if d.kind in ("grid", "choice")), default=1)
+    return [
+        {d.flag: d.values[min(index, len(d.values) - 1)] if d.kind in ("grid", "choice") else d.values[0] for d in dimensions}
+        for index in range(longest)
+    ]
+
+
+def validate_trials(base: list[str], dimensions: tuple[Dimension, ...], out_dir: Path) -> None:
+    """Parse the trials' command lines as ``o2o`` would, so that a misspelt flag or a bad value stops
+    the sweep before Ray starts (tyro's message names it)."""
+    from experiments.cli import parse_args
+
+    for values in representative_values(dimensions):
+        parse_args(trial_argv(base, values, out_dir / TRIALS_DIR / "check"))
+
+
+def grid_trials(dimensions: tuple[Dimension, ...], num_samples: int) -> list[dict[str, str]]:
+    """The grid values of every trial a sweep runs (the drawn flags are drawn when it runs)."""
+    grids = [[(d.flag, value) for value in d.values] for d in dimensions if d.kind == "grid"]
+    combinations = [dict(combination) for combination in itertools.product(*grids)]
+    return [combination for _ in range(num_samples) for combination in combinations]
+
+
+def evaluation_summaries(rows: list[dict[str, Any]], metric: str, complete_through: float) -> list[dict[str, Any]]:
+    """Per logged step up to ``complete_through``: the step, the metric's mean over seeds, its
+    standard deviation and the seed count (rows without the metric are skipped)."""
+    by_step: dict[int, list[float]] = {}
+    for row in rows:
+        value = row.get(metric)
+        if isinstance(value, (int, float)) and row["step"] <= complete_through:
+            by_step.setdefault(int(row["step"]), []).append(float(value))
+    summaries = []
+    for step in sorted(by_step):
+        values = by_step[step]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((value - mean) ** 2 for value in values) / len(values))
+        summaries.append({"step": step, metric: mean, f"{metric}_std": std, "seeds": len(values)})
+    return summaries
+
+
+def written_rows(path: Path) -> list[dict[str, Any]]:
+    """The metric rows a running o2o process has written whole so far (none before the file exists;
+    a line still being written is left for the next look)."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    complete = text if text.endswith("\n") else text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+def run_trial(
+    argv: list[str],
+    metrics_dir: Path,
+    metric: str,
+    report: Callable[[dict[str, Any]], None],
+    log_path: Path,
+    poll_seconds: float = 2.0,
+) -> dict[str, Any]:
+    """Run one o2o command line as a child process; ``report`` every evaluation of ``metrics_dir``
+    (the seeds' mean) once all seeds have logged it; return the last one.
+
+    A step counts as complete once a later step is in the file or the process has ended, since
+    the seeds' rows of one step are written one after another. A failed run raises with the end
+    of its output (kept whole in ``log_path``); if the caller stops the trial (Tune raises out of
+    ``report``), the child is killed.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    reported_through = -1
+    last: dict[str, Any] | None = None
+    with log_path.open("w") as log:
+        child = subprocess.Popen([sys.executable, "-m", "experiments.cli", *argv], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while True:
+                finished = child.poll() is not None
+                rows = written_rows(metrics_dir / METRICS_JSONL)
+                steps = sorted({int(row["step"]) for row in rows if metric in row})
+                complete_through = steps[-1] if finished and steps else (steps[-2] if len(steps) > 1 else -1)
+                for summary in evaluation_summaries(rows, metric, complete_through):
+                    if summary["step"] > reported_through:
+                        report(summary)
+                        reported_through, last = summary["step"], summary
+                if finished:
+                    break
+                time.sleep(poll_seconds)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    if child.returncode != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-15:])
+        raise RuntimeError(f"o2o {shlex.join(argv)} exited with status {child.returncode}; its output ends:\n{tail}")
+    if last is None:
+        raise RuntimeError(f"o2o {shlex.join(argv)} logged no '{metric}' in {metrics_dir / METRICS_JSONL}")
+    return last
+
+
+def _tune_trial(values: dict[str, Any], base: list[str], out_dir: Path, metrics_from: str, metric: str, poll_seconds: float) -> None:
+    """Tune's trainable: one trial's o2o process in <out-dir>/trials/<trial id>."""
+    from ray import tune
+
+    run_dir = out_dir / TRIALS_DIR / tune.get_context().get_trial_id()
+    argv = trial_argv(base, values, run_dir)
+    run_trial(argv, run_dir / metrics_from, metric, tune.report, run_dir / TRIAL_LOG, poll_seconds)
+
+
+def trial_directory_name(trial: Any) -> str:
+    """Tune's name and directory of a trial: its id, which also names its o2o run directory."""
+    return trial.trial_id
+
+
+def _search_space(dimensions: tuple[Dimension, ...], tune: Any) -> dict[str, Any]:
+    def converted(dimension: Dimension) -> Any:
+        if dimension.kind == "grid":
+            return tune.grid_search(list(dimension.values))
+        if dimension.kind == "choice":
+            return tune.choice(list(dimension.values))
+        if dimension.kind == "randint":
+            return tune.randint(int(dimension.values[0]), int(dimension.values[1]))
+        low, high = (float(value) for value in dimension.values)
+        return (tune.uniform if dimension.kind == "uniform" else tune.loguniform)(low, high)
+
+    return {dimension.flag: converted(dimension) for dimension in dimensions}
+
+
+def trial_table(results: list[dict[str, Any]], flags: list[str], metric: str, mode: str) -> list[dict[str, Any]]:
+    """One row per trial (flag values, final step, score, spread over seeds, run directory,
+    error), best first; failed trials last."""
+    def order(row: dict[str, Any]) -> tuple[int, float]:
+        score = row.get(metric)
+        if score is None or (isinstance(score, float) and math.isnan(score)):
+            return (1, 0.0)
+        return (0, -score if mode == "max" else score)
+
+    return sorted(results, key=order)
+
+
+def _label(row: dict[str, Any], flags: list[str]) -> str:
+    return " ".join(f"{flag}={_short(row[flag])}" for flag in flags) or row["trial"]
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _print_table(rows: list[dict[str, Any]], flags: list[str], metric: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"o2o sweep: final {metric} (mean over seeds), best first")
+    for column in ["trial", *flags, "step", metric, "± std", "status"]:
+        table.add_column(column)
+    for row in rows:
+        score = row.get(metric)
+        table.add_row(
+            row["trial"], *(_short(row[flag]) for flag in flags), "-" if row.get("step") is None else str(row["step"]),
+            "-" if score is None else f"{score:.2f}", "-" if score is None else f"{row[f'{metric}_std']:.2f}",
+            "error" if row.get("error") else "ok",
+        )
+    Console().print(table)
+
+
+def _make_out_dir(args: SweepArgs) -> Path:
+    out_dir = (args.out_dir or Path("runs") / f"sweep_{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    if (out_dir / "sweep.json").exists() or (out_dir / TRIALS_DIR).exists():
+        raise SweepError(f"{out_dir} already holds a sweep; choose another --out-dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def sweep(args: SweepArgs) -> Path | None:
+    """Run ``o2o sweep``; returns the sweep directory (None for a dry run)."""
+    base = shlex.split(args.command)
+    if base[:1] == ["o2o"]:
+        base = base[1:]
+    check_command(base)
+    dimensions = parse_space(args.space)
+    if not dimensions:
+        raise SweepError("the search space is empty: give --space FLAG=V1,V2 ...")
+    if args.num_samples < 1:
+        raise SweepError(f"--num-samples must be >= 1, got {args.num_samples}")
+    metrics_from = args.metrics_from or default_metrics_from(base)
+    planned = grid_trials(dimensions, args.num_samples)
+    validate_trials(base, dimensions, args.out_dir or Path("runs"))
+    if args.dry_run:
+        drawn = " ".join(f"--{d.flag} ~{d.describe()}" for d in dimensions if d.kind != "grid")
+        for index, values in enumerate(planned):
+            command = shlex.join(trial_argv(base, values, Path("<out-dir>/trials/<trial id>")))
+            print(f"trial {index}: o2o {command}" + (f"  (drawn: {drawn})" if drawn else ""))
+        print(f"{len(planned)} trials; scored: final '{args.metric}' of <run dir>/{metrics_from}, {args.mode}imised")
+        return None
+
+    ray = import_extra("ray", "sweep", "o2o sweep")
+    tune = import_extra("ray.tune", "sweep", "o2o sweep")
+    out_dir = _make_out_dir(args)
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    trainable = tune.with_resources(
+        functools.partial(_tune_trial, base=base, out_dir=out_dir, metrics_from=metrics_from, metric=args.metric, poll_seconds=args.poll_seconds),
+        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
+    )
+    search = tune.search.BasicVariantGenerator(random_state=args.seed)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=_search_space(dimensions, tune),
+        tune_config=tune.TuneConfig(
+            metric=args.metric, mode=args.mode, num_samples=args.num_samples, search_alg=search,
+            max_concurrent_trials=args.max_concurrent_trials or None,
+            trial_name_creator=trial_directory_name, trial_dirname_creator=trial_directory_name,
+        ),
+        run_config=tune.RunConfig(name="tune", storage_path=str(out_dir), verbose=1),
+    )
+    grid = tuner.fit()
+    flags = [dimension.flag for dimension in dimensions]
+    results = []
+    for result in grid:
+        trial_id = Path(result.path).name  # named by trial_directory_name
+        run_dir = out_dir / TRIALS_DIR / trial_id
+        metrics = result.metrics or {}
+        results.append({
+            "trial": trial_id, **{flag: result.config[flag] for flag in flags},
+            "step": metrics.get("step"), args.metric: metrics.get(args.metric), f"{args.metric}_std": metrics.get(f"{args.metric}_std"),
+            "seeds": metrics.get("seeds"), "run_dir": str(run_dir), "error": trial_error(result.error, run_dir / TRIAL_LOG),
+            "command": "o2o " + shlex.join(trial_argv(base, {flag: result.config[flag] for flag in flags}, run_dir)),
+        })
+    rows = trial_table(results, flags, args.metric, args.mode)
+    _write_outputs(out_dir, args, rows, flags, metrics_from)
+    _print_table(rows, flags, args.metric)
+    best = next((row for row in rows if row.get(args.metric) is not None), None)
+    if best is not None:
+        print(f"best: {best['command']}")
+    print(f"sweep directory: {out_dir} (sweep.csv, sweep.json, sweep.png)")
+    if best is None:
+        raise SweepError(f"no trial finished; first error: {rows[0]['error']} (each trial's output: {out_dir / TRIALS_DIR}/*/{TRIAL_LOG})")
+    return out_dir
+
+
+def trial_error(error: BaseException | None, log_path: Path) -> str | None:
+    """What stopped a trial in one line: the o2o run's own last line of output when it has one
+    (e.g. "o2o: unknown environment ..."), else the end of Tune's error."""
+    if error is None:
+        return None
+    lines = [line for line in (log_path.read_text().splitlines() if log_path.exists() else []) if line.strip()]
+    if lines:
+        return lines[-1].strip()
+    return str(error).strip().splitlines()[-1]
+
+
+def _write_outputs(out_dir: Path, args: SweepArgs, rows: list[dict[str, Any]], flags: list[str], metrics_from: str) -> None:
+    import csv
+
+    columns = ["trial", *flags, "step", args.metric, f"{args.metric}_std", "seeds", "error", "run_dir", "command"]
+    temporary = out_dir / ".sweep.csv.tmp"
+    with temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    temporary.replace(out_dir / "sweep.csv")
+    write_json_atomic(out_dir / "sweep.json", {**run_record(args), "command": sys.argv, "trials": rows})
+    plotted = [row for row in rows if row.get(args.metric) is not None][:PLOTTED_TRIALS]
+    if plotted:
+        plot_runs(
+            [Path(row["run_dir"]) / metrics_from for row in plotted], out_dir / "sweep.png", metric=args.metric,
+            title=f"o2o sweep: {len(plotted)} best of {len(rows)} trials", labels=[_label(row, flags) for row in plotted],
+        )
