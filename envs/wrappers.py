@@ -23,5 +23,11 @@ class RescaleToUnit(gym.ActionWrapper):
 
     def action(self, action: np.ndarray) -> np.ndarray:
         """[-1, 1] → [low, high]."""
-        unit = np.clip(np.asarray(action, np.float64), -1.0, 1.0)
-        return (self._low + (unit + 1.0) * 0.5 * (self._high - self._low)).astype(self.env.action_space.dtype)
+        return unit_to_bounds(action, self._low, self._high).astype(self.env.action_space.dtype)
+
+
+def unit_to_bounds(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Map actions in [-1, 1] (clipped there first) affinely onto [low, high], in float64; any
+    leading batch axes broadcast."""
+    unit = np.clip(np.asarray(action, np.float64), -1.0, 1.0)
+    return np.asarray(low, np.float64) + (unit + 1.0) * 0.5 * (np.asarray(high, np.float64) - np.asarray(low, np.float64))

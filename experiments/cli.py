@@ -223,10 +223,13 @@ def parse_args(argv: list[str]) -> tuple[Any, Any]:
             train_default = _apply_preset(train_default, presets.load(preset))
         except ValueError as error:
             raise SystemExit(f"o2o: {error}") from None
-    handlers: dict[type, Any] = {TrainArgs: train, PlotArgs: plot, SweepArgs: sweep}
+    from experiments.policy import EvaluateArgs, evaluate
+
+    handlers: dict[type, Any] = {TrainArgs: train, PlotArgs: plot, SweepArgs: sweep, EvaluateArgs: evaluate}
     choices: list[Any] = [
         Annotated[TrainArgs, tyro.conf.subcommand("train", default=train_default)],
         Annotated[PlotArgs, tyro.conf.subcommand("plot")],
+        Annotated[EvaluateArgs, tyro.conf.subcommand("evaluate")],
         Annotated[SweepArgs, tyro.conf.subcommand("sweep")],
     ]
     for name, (args_type, handler) in _offline_to_online_commands().items():
@@ -244,12 +247,13 @@ def main(argv: list[str] | None = None) -> None:
     (:mod:`rl.compilation_cache`; ``O2O_COMPILATION_CACHE=off`` turns that off)."""
     args, handler = parse_args(list(sys.argv[1:] if argv is None else argv))
     from experiments.offline_to_online import ERRORS
+    from experiments.policy import PolicyLoadError
 
     compilation_cache.enable()
     try:
         with metric_sinks(getattr(args, "log", LogSinks())):
             handler(args)
-    except (registry.EnvError, DatasetError, CheckpointMismatch, SweepError, *ERRORS) as error:
+    except (registry.EnvError, DatasetError, CheckpointMismatch, SweepError, PolicyLoadError, *ERRORS) as error:
         raise SystemExit(f"o2o: {error}") from None
 
 

@@ -43,14 +43,13 @@ from agents.wsrl import create_pretrained_template, restore_pretrained, run_wsrl
 from envs import registry
 from envs.jax_env import RewardTransformed
 from rl import compilation_cache
-from rl.checkpoint import CheckpointMismatch, Checkpointer
+from rl.checkpoint import CheckpointMismatch
 from rl.data import collect as collect_lib
 from rl.extras import MissingExtra
-from rl.data import datasets, replay
+from rl.data import datasets
 from rl.logging import LogSinks, metric_sinks, plot_runs, write_json_atomic
 from rl.loops import OfflineConfig, OnlineConfig, train_offline, train_online
 from rl.rollouts import JaxEnvSpec
-from rl.types import transition_like
 
 PRETRAIN_RECORD = "pretrain.json"
 FINETUNE_RECORD = "finetune.json"
@@ -471,36 +470,10 @@ def _dataset_name(env_id: str) -> str:
 
 def _agent_for_collection(run_dir: Path, env_id: str) -> Any:
     """One agent (seed 0) from a pretrain, finetune or train run directory."""
-    run_dir = Path(run_dir)
-    if (run_dir / PRETRAIN_RECORD).is_file():
-        agent, _, _ = load_pretrained(run_dir, env_id)
-        return jax.tree.map(lambda leaf: leaf[0], agent)
-    if (run_dir / FINETUNE_RECORD).is_file():
-        record = json.loads((run_dir / FINETUNE_RECORD).read_text())
-        sac_config = apply_overrides(SACConfig(), record["sac"])
-        schedule = apply_overrides(OnlineConfig(), record["online"])
-        num_seeds = len(record["seeds"])
-    elif (run_dir / "config.json").is_file():
-        config = json.loads((run_dir / "config.json").read_text()).get("config") or {}
-        if config.get("agent") != "sac" or "sac" not in config:
-            raise ConfigError(f"{run_dir}: not a pretrain / finetune / SAC train run")
-        sac_config = apply_overrides(SACConfig(), config["sac"])
-        schedule = apply_overrides(OnlineConfig(), config.get("online", {}))
-        num_seeds = int(config.get("num_seeds", 1))
-    else:
-        raise ConfigError(f"{run_dir}: no {PRETRAIN_RECORD}, {FINETUNE_RECORD} or config.json")
-    _, (observation_space, action_space) = _make_env_checked(env_id)
-    keys = jax.random.split(jax.random.PRNGKey(0), num_seeds)
-    agent = jax.vmap(lambda key: SAC.create(key, observation_space, action_space, sac_config))(keys)
-    example = transition_like(int(np.prod(observation_space.shape)), int(np.prod(action_space.shape)))
-    capacity = min(schedule.buffer_capacity, schedule.total_steps)
-    buffer = jax.vmap(lambda _: replay.init(example, capacity))(np.arange(num_seeds))
-    checkpointer = Checkpointer(run_dir / "checkpoints")
-    try:
-        state, _ = checkpointer.restore({"agent": agent, "buffer": buffer}, what=str(run_dir))
-    finally:
-        checkpointer.close()
-    return jax.tree.map(lambda leaf: leaf[0], state["agent"])
+    from experiments.policy import load_run_agents  # it builds on this module
+
+    run = load_run_agents(run_dir, env_id=env_id)
+    return jax.tree.map(lambda leaf: leaf[0], run.agents)
 
 
 def collect(args: CollectArgs) -> dict[str, Path]:
@@ -700,7 +673,8 @@ def train_scratch(
     schedule = dataclasses.replace(schedule, warmup_actions="random")
     _, rows = train_online(
         lambda key: SAC.create(key, observation_space, action_space, config), make_env, schedule, seeds, run_dir,
-        run_config={"baseline": "sac_scratch", "sac": config, "online": schedule}, progress=progress, score_fn=score_fn,
+        run_config={"baseline": "sac_scratch", "env": env_id, "seeds": seeds, "sac": config, "online": schedule},
+        progress=progress, score_fn=score_fn,
         jax_env=device_envs(env_id, env_loop, reward_scale, reward_bias),
     )
     return rows
