@@ -2,8 +2,8 @@
 ``o2o evaluate`` for fresh evaluation episodes of every seed of a run.
 
 A run directory of ``o2o train`` (sac, tbsac, ppo, loop), ``o2o pretrain`` (CQL / Cal-QL),
-``o2o finetune`` (WSRL) or the SAC-from-scratch baseline of ``o2o run`` / ``o2o quickstart``
-records what built its agent (``config.json``, ``pretrain.json``, ``finetune.json``); the agent
+``o2o finetune`` (WSRL), ``o2o run`` (its fine-tuned stage: WSRL, or Uni-O4's online PPO) or the
+SAC-from-scratch baseline of ``o2o run`` / ``o2o quickstart`` records what built its agent (``config.json``, ``pretrain.json``, ``finetune.json``); the agent
 is rebuilt from that record and only its part of the checkpoint is read (no replay buffer, no
 environment states).
 """
@@ -32,7 +32,7 @@ from rl.logging import run_record, write_json_atomic
 from rl.rollouts import OnPolicyConfig
 
 CONFIG_RECORD = "config.json"
-LOADABLE = "o2o train (sac, tbsac, ppo, loop), o2o pretrain, o2o finetune, or the SAC-from-scratch baseline of o2o run"
+LOADABLE = "o2o train (sac, tbsac, ppo, loop), o2o pretrain, o2o finetune, o2o run (its fine-tuned stage, WSRL or Uni-O4) or its SAC-from-scratch baseline"
 
 
 class PolicyLoadError(ValueError):
@@ -46,13 +46,13 @@ class RunAgents:
     agents: Any
     """Agent pytree with a leading seed axis (the agent contract's ``act`` works per seed)."""
     kind: str
-    """Agent family: sac, tbsac, ppo, loop, cql (pre-trained) or wsrl (fine-tuned SAC)."""
+    """Agent family: sac, tbsac, ppo, loop, cql (pre-trained), wsrl (fine-tuned SAC) or uni_o4 (its online PPO)."""
     env_id: str
     """Environment id the run trained on."""
     seeds: tuple[int, ...]
     """The run's seeds, in the order of the leading axis."""
     step: int
-    """Checkpoint step restored."""
+    """Checkpoint restored (its directory name: environment steps; iterations for ppo, loop and uni_o4)."""
     run_dir: Path
     """The run directory."""
 
@@ -61,7 +61,7 @@ def locate_run(path: str | Path) -> tuple[Path, int | None]:
     """The run directory for ``path`` (the run directory, its ``checkpoints/`` or one checkpoint
     step directory in it) and the step that path names (None: the latest)."""
     path = Path(path)
-    candidates = [(path, None)]
+    candidates = [(path, None), (path / "wsrl", None), (path / "online", None)]  # o2o run: its fine-tuned stage
     if path.name == "checkpoints":
         candidates.append((path.parent, None))
     if path.parent.name == "checkpoints" and path.name.isdigit():
@@ -105,6 +105,9 @@ def _agent_template(run_dir: Path, env_override: str | None) -> tuple[Any, str, 
         config = json.loads((run_dir / CONFIG_RECORD).read_text()).get("config") or {}
         if config.get("baseline") == "sac_scratch" and "env" in config:
             kind, env_id, seeds, sac_config = "sac", config["env"], tuple(config["seeds"]), config["sac"]
+        elif config.get("agent") == "uni_o4" and "env" in config:
+            env_id, seeds = env_override or config["env"], tuple(config["seeds"])
+            return _uni_o4_template(config["uni_o4"], env_id, len(seeds)), "uni_o4", env_id, seeds
         elif config.get("agent") in ("sac", "tbsac", "ppo", "loop") and "env" in config:
             kind, env_id = config["agent"], config["env"]
             first, count = int(config.get("seed", 0)), int(config.get("num_seeds", 1))
@@ -132,6 +135,27 @@ def _on_policy_template(kind: str, config: dict[str, Any], env_id: str, num_seed
     schedule = apply_overrides(OnPolicyConfig(), config.get("on_policy", {}))
     observation_space, action_space = _spaces(env_id, continuous=None)
     return _stacked(agent_factory(kind, agent_config, observation_space, action_space, schedule.total_steps), num_seeds)
+
+
+def _uni_o4_template(recorded: dict[str, Any], env_id: str, num_seeds: int) -> Any:
+    """Uni-O4's online PPO agents (the selected member's policy, the offline value net, the
+    dataset's observation statistics) with the recorded network shapes."""
+    import jax.numpy as jnp
+
+    from agents.ppo import RunningMoments, ValueNet
+    from agents.uni_o4 import UniO4Config, UniO4PolicyNet, online_agent
+
+    config = apply_overrides(UniO4Config(), recorded)
+    observation_space, action_space = _spaces(env_id, continuous=True)
+    observation_dim, action_dim = int(observation_space.shape[0]), int(action_space.shape[0])
+    dummy = jnp.zeros((1, observation_dim))
+
+    def create(key: jax.Array) -> Any:
+        policy = UniO4PolicyNet(tuple(config.bc_hidden_dims), action_dim, config.bc_activation).init(key, dummy)["params"]
+        value = ValueNet(tuple(config.value_hidden_dims), "relu").init(key, dummy)["params"]
+        return online_agent(policy, value, RunningMoments.create((observation_dim,)), action_dim, config, key)
+
+    return _stacked(create, num_seeds)
 
 
 def load_run_agents(path: str | Path, step: int | None = None, env_id: str | None = None) -> RunAgents:
@@ -210,7 +234,7 @@ class EvaluateArgs:
     episodes: int = 10
     """Episodes per seed."""
     step: int | None = None
-    """Checkpoint step (default: the step the path names, else the latest)."""
+    """Checkpoint, by its directory name under checkpoints/ (environment steps; iterations for ppo, loop and Uni-O4); default: the one the path names, else the latest."""
     env: str | None = None
     """Evaluate on this environment instead of the run's (same spaces)."""
     stochastic: bool = False

@@ -103,10 +103,26 @@ def test_paths_without_a_run_and_bad_seed_indices_are_refused(runs, tmp_path, ca
         main(["evaluate", str(tmp_path)])
 
 
-def test_an_on_policy_run_gives_a_discrete_policy(tmp_path):
+def test_an_on_policy_run_gives_a_discrete_policy_replaying_its_final_evaluation(tmp_path):
+    from rl.rollouts import eval_seeds
+
     run_dir = tmp_path / "ppo"
     main(["train", "--agent", "ppo", "--env", "CartPole-v1", "--steps", "256", "--run-dir", str(run_dir),
-          "--ppo.num-envs", "2", "--ppo.num-steps", "64", "--on-policy.eval-episodes", "1"])
-    policy = load_policy(run_dir)
-    action = policy(np.zeros(4, np.float32))
+          "--ppo.num-envs", "2", "--ppo.num-steps", "64", "--on-policy.eval-episodes", "2"])
+    run = load_run_agents(run_dir)
+    rows = [row for row in read_metrics(run_dir) if "eval_return" in row]
+    final_round = len({row["step"] for row in rows}) - 1
+    assert run.kind == "ppo" and evaluate_run(run, [eval_seeds(0, final_round, 2)]).mean() == pytest.approx(rows[-1]["eval_return"])
+    action = load_policy(run_dir)(np.zeros(4, np.float32))
     assert action.shape == () and int(action) in (0, 1)
+
+
+def test_a_trend_sac_run_on_an_o2o_env_replays_its_final_evaluation(tmp_path):
+    run_dir = tmp_path / "tbsac"
+    main(["train", "--agent", "tbsac", "--env", "o2o/OrbitCorrection-v0", "--steps", "150", "--run-dir", str(run_dir),
+          "--tbsac.actor-hidden-dims", "16", "--tbsac.critic-hidden-dims", "16", "--tbsac.batch-size", "16",
+          "--online.warmup-steps", "100", "--online.eval-interval", "150", "--online.eval-episodes", "2", "--online.log-interval", "50"])
+    run = load_run_agents(run_dir)
+    rows = [row for row in read_metrics(run_dir) if "eval_return" in row]
+    reset_seeds = [[episode_seed(0, EVAL_STREAM, j) for j in range(2)]]
+    assert run.kind == "tbsac" and evaluate_run(run, reset_seeds).mean() == pytest.approx(rows[-1]["eval_return"], rel=1e-5)

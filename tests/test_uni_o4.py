@@ -529,3 +529,21 @@ def test_selection_episodes_use_their_own_reset_stream(pipeline):
     assert reporting == [episode_seed(0, u.OFFLINE_EVAL_STREAM, j) for j in range(2)]
     assert selection == [episode_seed(0, u.SELECTION_EVAL_STREAM, j) for j in range(2)]
     assert not set(reporting) & set(selection)
+
+
+def test_a_uni_o4_run_gives_back_its_online_policy_replaying_its_final_evaluation(tmp_path):
+    from experiments.policy import evaluate_run, load_policy, load_run_agents
+    from experiments.uni_o4_hopper import run_uni_o4
+    from rl.rollouts import eval_seeds
+
+    path = datasets.write_d4rl_hdf5(tmp_path / "toy.hdf5", synthetic_dataset())
+    run_uni_o4(path, "Pendulum-v1", [0], tmp_path / "run", TINY, progress=False, offline_eval_episodes=1)
+    run = load_run_agents(tmp_path / "run")  # an `o2o run --agent uni_o4` root: its online stage
+    assert run.kind == "uni_o4" and run.run_dir == tmp_path / "run" / "online"
+    assert run.step == TINY.online.total_steps // TINY.online.num_steps  # on-policy checkpoints count iterations
+    rows = [row for row in read_metrics(run.run_dir) if "eval_return" in row]
+    final_round = len({row["step"] for row in rows}) - 1
+    returns = evaluate_run(run, [eval_seeds(0, final_round, TINY.online.eval_episodes)])
+    assert returns.mean() == pytest.approx(rows[-1]["eval_return"], rel=1e-5)
+    action = load_policy(tmp_path / "run")(np.zeros(OBS, np.float32))
+    assert action.shape == (ACT,) and np.all(np.abs(action) <= 2.0)
