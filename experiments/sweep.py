@@ -80,6 +80,14 @@ class SweepArgs:
     """At most this many trials at once (0: as many as the reserved resources allow)."""
     address: str | None = None
     """Ray cluster to join ('auto' finds a running one); default: a Ray instance on this machine only."""
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    """fifo: every trial runs to its end; asha: Tune's asynchronous successive halving stops trials whose evaluations trail the others' at the same step."""
+    grace_steps: int = 0
+    """asha: environment steps every trial runs before it may be stopped (default: a tenth of --max-steps)."""
+    max_steps: int | None = None
+    """asha: a trial's full length in environment steps (default: the command's --steps, or --finetune.steps for run)."""
+    reduction_factor: int = 3
+    """asha: roughly 1 in this many trials passes each rung."""
     seed: int = 0
     """Seed of the draws of the sampled flags (the trials' own seeds are the command's --seed)."""
     dry_run: bool = False
@@ -221,6 +229,16 @@ def written_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
+def _die_with_parent() -> None:
+    """In the child, before it runs o2o: on Linux, have the kernel kill it when the trial's process
+    ends (Tune may end a stopped trial's worker without running its cleanup)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def run_trial(
     argv: list[str],
     metrics_dir: Path,
@@ -241,7 +259,9 @@ def run_trial(
     reported_through = -1
     last: dict[str, Any] | None = None
     with log_path.open("w") as log:
-        child = subprocess.Popen([sys.executable, "-m", "experiments.cli", *argv], stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "experiments.cli", *argv], stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
         try:
             while True:
                 finished = child.poll() is not None
@@ -295,14 +315,39 @@ def _search_space(dimensions: tuple[Dimension, ...], tune: Any) -> dict[str, Any
     return {dimension.flag: converted(dimension) for dimension in dimensions}
 
 
+def command_steps(base: list[str]) -> int | None:
+    """A command's length in environment steps as its own flags give it (``--steps``, or
+    ``--finetune.steps`` for ``run`` / ``finetune``), else None."""
+    flags = ("--finetune.steps",) if base[0] in ("run", "finetune") else ("--steps",)
+    for index, word in enumerate(base):
+        name, _, value = word.partition("=")
+        if name in flags:
+            value = value or (base[index + 1] if index + 1 < len(base) else "")
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def asha_steps(args: SweepArgs, base: list[str]) -> tuple[int, int]:
+    """ASHA's (full trial length, grace period) in environment steps, checked."""
+    max_steps = args.max_steps or command_steps(base)
+    if not max_steps:
+        raise SweepError("--scheduler asha needs the trials' length: give --max-steps (or --steps in the command)")
+    grace_steps = args.grace_steps or max(1, max_steps // 10)
+    if not 0 < grace_steps <= max_steps:
+        raise SweepError(f"--grace-steps must lie in 1..{max_steps}, got {grace_steps}")
+    if args.reduction_factor < 2:
+        raise SweepError(f"--reduction-factor must be >= 2, got {args.reduction_factor}")
+    return max_steps, grace_steps
+
+
 def trial_table(results: list[dict[str, Any]], flags: list[str], metric: str, mode: str) -> list[dict[str, Any]]:
-    """One row per trial (flag values, final step, score, spread over seeds, run directory,
-    error), best first; failed trials last."""
+    """The trials best first: those that ran to the end by their final score, then those a
+    scheduler stopped early by their last score, then failed ones."""
     def order(row: dict[str, Any]) -> tuple[int, float]:
         score = row.get(metric)
         if score is None or (isinstance(score, float) and math.isnan(score)):
-            return (1, 0.0)
-        return (0, -score if mode == "max" else score)
+            return (2, 0.0)
+        return (1 if row.get("stopped_early") else 0, -score if mode == "max" else score)
 
     return sorted(results, key=order)
 
@@ -327,7 +372,7 @@ def _print_table(rows: list[dict[str, Any]], flags: list[str], metric: str) -> N
         table.add_row(
             row["trial"], *(_short(row[flag]) for flag in flags), "-" if row.get("step") is None else str(row["step"]),
             "-" if score is None else f"{score:.2f}", "-" if score is None else f"{row[f'{metric}_std']:.2f}",
-            "error" if row.get("error") else "ok",
+            "error" if row.get("error") else "stopped early" if row.get("stopped_early") else "ok",
         )
     Console().print(table)
 
@@ -352,6 +397,7 @@ def sweep(args: SweepArgs) -> Path | None:
     if args.num_samples < 1:
         raise SweepError(f"--num-samples must be >= 1, got {args.num_samples}")
     metrics_from = args.metrics_from or default_metrics_from(base)
+    max_steps, grace_steps = asha_steps(args, base) if args.scheduler == "asha" else (None, None)
     planned = grid_trials(dimensions, args.num_samples)
     validate_trials(base, dimensions, args.out_dir or Path("runs"))
     if args.dry_run:
@@ -371,11 +417,16 @@ def sweep(args: SweepArgs) -> Path | None:
         {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
     )
     search = tune.search.BasicVariantGenerator(random_state=args.seed)
+    scheduler = None
+    if args.scheduler == "asha":  # over the environment steps the trials report
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="step", max_t=max_steps, grace_period=grace_steps, reduction_factor=args.reduction_factor
+        )
     tuner = tune.Tuner(
         trainable,
         param_space=_search_space(dimensions, tune),
         tune_config=tune.TuneConfig(
-            metric=args.metric, mode=args.mode, num_samples=args.num_samples, search_alg=search,
+            metric=args.metric, mode=args.mode, num_samples=args.num_samples, search_alg=search, scheduler=scheduler,
             max_concurrent_trials=args.max_concurrent_trials or None,
             trial_name_creator=trial_directory_name, trial_dirname_creator=trial_directory_name,
         ),
@@ -392,6 +443,7 @@ def sweep(args: SweepArgs) -> Path | None:
             "trial": trial_id, **{flag: result.config[flag] for flag in flags},
             "step": metrics.get("step"), args.metric: metrics.get(args.metric), f"{args.metric}_std": metrics.get(f"{args.metric}_std"),
             "seeds": metrics.get("seeds"), "run_dir": str(run_dir), "error": trial_error(result.error, run_dir / TRIAL_LOG),
+            "stopped_early": bool(max_steps and metrics.get("step") is not None and metrics["step"] < max_steps),
             "command": "o2o " + shlex.join(trial_argv(base, {flag: result.config[flag] for flag in flags}, run_dir)),
         })
     rows = trial_table(results, flags, args.metric, args.mode)
@@ -420,7 +472,7 @@ def trial_error(error: BaseException | None, log_path: Path) -> str | None:
 def _write_outputs(out_dir: Path, args: SweepArgs, rows: list[dict[str, Any]], flags: list[str], metrics_from: str) -> None:
     import csv
 
-    columns = ["trial", *flags, "step", args.metric, f"{args.metric}_std", "seeds", "error", "run_dir", "command"]
+    columns = ["trial", *flags, "step", args.metric, f"{args.metric}_std", "seeds", "stopped_early", "error", "run_dir", "command"]
     temporary = out_dir / ".sweep.csv.tmp"
     with temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")

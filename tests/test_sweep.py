@@ -5,14 +5,18 @@ import csv
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
 from experiments.cli import main
 from experiments.sweep import (
     Dimension,
+    SweepArgs,
     SweepError,
+    asha_steps,
     check_command,
+    command_steps,
     default_metrics_from,
     evaluation_summaries,
     grid_trials,
@@ -91,6 +95,19 @@ def test_scored_metrics_default_to_the_fine_tuning_stage_of_run():
     assert default_metrics_from(["run", "--dataset", "d.hdf5", "--agent", "uni_o4"]) == "online"
 
 
+def test_asha_takes_the_trials_length_from_the_command_or_asks_for_it():
+    assert command_steps(["train", "--steps", "20000"]) == 20000
+    assert command_steps(["train", "--steps=500"]) == 500
+    assert command_steps(["run", "--dataset", "d", "--finetune.steps", "3000", "--pretrain.steps", "9"]) == 3000
+    assert command_steps(["train", "--env", "Pendulum-v1"]) is None
+    assert asha_steps(SweepArgs("train --steps 1000"), ["train", "--steps", "1000"]) == (1000, 100)
+    assert asha_steps(SweepArgs("train", max_steps=500, grace_steps=50), ["train"]) == (500, 50)
+    with pytest.raises(SweepError, match="needs the trials' length"):
+        asha_steps(SweepArgs("train"), ["train"])
+    with pytest.raises(SweepError, match="--grace-steps must lie in 1..500"):
+        asha_steps(SweepArgs("train", max_steps=500, grace_steps=600), ["train"])
+
+
 def test_a_misspelt_flag_stops_the_sweep_before_any_trial(tmp_path, capsys):
     validate_trials(["train"], parse_space(("sac.actor-lr=1e-4,3e-4",)), tmp_path)
     with pytest.raises(SystemExit):
@@ -161,3 +178,29 @@ def test_a_sweep_through_ray_tune_scores_every_trial_from_its_run(tmp_path):
     assert scores == sorted(scores, reverse=True)
     assert (out_dir / "sweep.png").stat().st_size > 0
     assert json.loads((out_dir / "sweep.json").read_text())["config"]["space"] == ["sac.actor-lr=1e-4,1e-3"]
+
+
+def test_asha_stops_trials_at_their_rungs_and_leaves_no_o2o_process_behind(tmp_path):
+    pytest.importorskip("ray.tune", reason="Ray Tune is the sweep extra (pip install 'o2o[sweep]'), not in the test extra")
+    out_dir = tmp_path / "sweep"
+    command = TINY_TRAIN.replace("--steps 300", "--steps 600").replace("--num-seeds 2", "--num-seeds 1")
+    main(["sweep", command, "--space", "sac.actor-lr=1e-6,1e-5,1e-3,3e-3", "--scheduler", "asha", "--grace-steps", "100",
+          "--reduction-factor", "2", "--out-dir", str(out_dir), "--poll-seconds", "0.2"])
+    with (out_dir / "sweep.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and not any(row["error"] for row in rows)
+    finished = [row["stopped_early"] == "False" for row in rows]
+    assert finished == sorted(finished, reverse=True)  # trials that ran to the end rank first
+    for row in rows:
+        logged = max(r["step"] for r in read_metrics(row["run_dir"]) if "eval_return" in r)
+        assert logged >= int(row["step"])  # a stopped run may have logged on until it was killed
+        assert (int(row["step"]) == 600) == (row["stopped_early"] == "False")
+    running = [path for path in Path("/proc").glob("[0-9]*/cmdline") if _reads(path).find(str(out_dir)) >= 0]
+    assert running == []
+
+
+def _reads(path) -> str:
+    try:
+        return path.read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
