@@ -92,6 +92,8 @@ class SweepArgs:
     """Seed of the draws of the sampled flags (the trials' own seeds are the command's --seed)."""
     dry_run: bool = False
     """Check the command and list the trials without running them (needs no Ray)."""
+    resume: bool = False
+    """Continue the interrupted sweep in --out-dir (same command and space): unfinished and failed trials run again, each o2o run continuing from its last checkpoint (run trials start over)."""
     poll_seconds: float = 2.0
     """How often a trial looks for new evaluations in its run's metrics."""
 
@@ -287,12 +289,24 @@ def run_trial(
     return last
 
 
+def continuation_flags(command: str, run_dir: Path) -> list[str]:
+    """Flags for a trial started again in a run directory an earlier attempt wrote: ``--resume``
+    from its last checkpoint; ``--overwrite`` for ``run``, which cannot resume; none where no
+    checkpoint was written (o2o starts such a directory afresh)."""
+    if not run_dir.exists():
+        return []
+    if command == "run":
+        return ["--overwrite"]
+    committed = any(path.name.isdigit() for path in (run_dir / "checkpoints").glob("*"))  # not orbax's *-tmp
+    return ["--resume"] if committed else []
+
+
 def _tune_trial(values: dict[str, Any], base: list[str], out_dir: Path, metrics_from: str, metric: str, poll_seconds: float) -> None:
     """Tune's trainable: one trial's o2o process in <out-dir>/trials/<trial id>."""
     from ray import tune
 
     run_dir = out_dir / TRIALS_DIR / tune.get_context().get_trial_id()
-    argv = trial_argv(base, values, run_dir)
+    argv = trial_argv(base, values, run_dir) + continuation_flags(base[0], run_dir)
     run_trial(argv, run_dir / metrics_from, metric, tune.report, run_dir / TRIAL_LOG, poll_seconds)
 
 
@@ -342,12 +356,14 @@ def asha_steps(args: SweepArgs, base: list[str]) -> tuple[int, int]:
 
 def trial_table(results: list[dict[str, Any]], flags: list[str], metric: str, mode: str) -> list[dict[str, Any]]:
     """The trials best first: those that ran to the end by their final score, then those a
-    scheduler stopped early by their last score, then failed ones."""
+    scheduler stopped early or an interruption cut short by their last score, then those with
+    no score."""
     def order(row: dict[str, Any]) -> tuple[int, float]:
         score = row.get(metric)
         if score is None or (isinstance(score, float) and math.isnan(score)):
             return (2, 0.0)
-        return (1 if row.get("stopped_early") else 0, -score if mode == "max" else score)
+        complete = row.get("finished", True) and not row.get("stopped_early")
+        return (0 if complete else 1, -score if mode == "max" else score)
 
     return sorted(results, key=order)
 
@@ -358,6 +374,15 @@ def _label(row: dict[str, Any], flags: list[str]) -> str:
 
 def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def trial_status(row: dict[str, Any]) -> str:
+    """ok, stopped early (by the scheduler), unfinished (the sweep was interrupted) or error."""
+    if row.get("error"):
+        return "error"
+    if row.get("stopped_early"):
+        return "stopped early"
+    return "ok" if row.get("finished", True) else "unfinished"
 
 
 def _print_table(rows: list[dict[str, Any]], flags: list[str], metric: str) -> None:
@@ -372,16 +397,39 @@ def _print_table(rows: list[dict[str, Any]], flags: list[str], metric: str) -> N
         table.add_row(
             row["trial"], *(_short(row[flag]) for flag in flags), "-" if row.get("step") is None else str(row["step"]),
             "-" if score is None else f"{score:.2f}", "-" if score is None else f"{row[f'{metric}_std']:.2f}",
-            "error" if row.get("error") else "stopped early" if row.get("stopped_early") else "ok",
+            row["status"],
         )
     Console().print(table)
 
 
+SPEC_FIELDS = ("command", "space", "num_samples", "metric", "mode", "metrics_from", "scheduler", "grace_steps",
+               "max_steps", "reduction_factor", "seed")
+"""SweepArgs fields that define a sweep's trials and scores: a resumed sweep must repeat them."""
+SPEC_JSON = "sweep_spec.json"
+TUNE_DIR = "tune"
+
+
 def _make_out_dir(args: SweepArgs) -> Path:
+    """A new sweep's directory with its spec written, or (``--resume``) the interrupted sweep's,
+    checked against its spec."""
+    if args.resume:
+        if args.out_dir is None:
+            raise SweepError("--resume needs the --out-dir of the sweep to continue")
+        out_dir = args.out_dir.resolve()
+        if not (out_dir / SPEC_JSON).is_file() or not (out_dir / TUNE_DIR).is_dir():
+            raise SweepError(f"{out_dir} holds no sweep to resume (no {SPEC_JSON} and {TUNE_DIR}/)")
+        recorded = json.loads((out_dir / SPEC_JSON).read_text())
+        given = json.loads(json.dumps({name: getattr(args, name) for name in SPEC_FIELDS}))
+        changed = [name for name in SPEC_FIELDS if recorded.get(name) != given[name]]
+        if changed:
+            details = "; ".join(f"--{name.replace('_', '-')} was {recorded.get(name)!r}, now {given[name]!r}" for name in changed)
+            raise SweepError(f"a resumed sweep must repeat its command and search: {details}")
+        return out_dir
     out_dir = (args.out_dir or Path("runs") / f"sweep_{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    if (out_dir / "sweep.json").exists() or (out_dir / TRIALS_DIR).exists():
-        raise SweepError(f"{out_dir} already holds a sweep; choose another --out-dir")
+    if (out_dir / SPEC_JSON).exists() or (out_dir / TRIALS_DIR).exists():
+        raise SweepError(f"{out_dir} already holds a sweep: --resume continues it, or choose another --out-dir")
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / SPEC_JSON, {name: getattr(args, name) for name in SPEC_FIELDS})
     return out_dir
 
 
@@ -416,22 +464,10 @@ def sweep(args: SweepArgs) -> Path | None:
         functools.partial(_tune_trial, base=base, out_dir=out_dir, metrics_from=metrics_from, metric=args.metric, poll_seconds=args.poll_seconds),
         {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
     )
-    search = tune.search.BasicVariantGenerator(random_state=args.seed)
-    scheduler = None
-    if args.scheduler == "asha":  # over the environment steps the trials report
-        scheduler = tune.schedulers.ASHAScheduler(
-            time_attr="step", max_t=max_steps, grace_period=grace_steps, reduction_factor=args.reduction_factor
-        )
-    tuner = tune.Tuner(
-        trainable,
-        param_space=_search_space(dimensions, tune),
-        tune_config=tune.TuneConfig(
-            metric=args.metric, mode=args.mode, num_samples=args.num_samples, search_alg=search, scheduler=scheduler,
-            max_concurrent_trials=args.max_concurrent_trials or None,
-            trial_name_creator=trial_directory_name, trial_dirname_creator=trial_directory_name,
-        ),
-        run_config=tune.RunConfig(name="tune", storage_path=str(out_dir), verbose=1),
-    )
+    if args.resume:
+        tuner = tune.Tuner.restore(str(out_dir / TUNE_DIR), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = _new_tuner(args, trainable, dimensions, out_dir, tune, max_steps, grace_steps)
     grid = tuner.fit()
     flags = [dimension.flag for dimension in dimensions]
     results = []
@@ -444,18 +480,43 @@ def sweep(args: SweepArgs) -> Path | None:
             "step": metrics.get("step"), args.metric: metrics.get(args.metric), f"{args.metric}_std": metrics.get(f"{args.metric}_std"),
             "seeds": metrics.get("seeds"), "run_dir": str(run_dir), "error": trial_error(result.error, run_dir / TRIAL_LOG),
             "stopped_early": bool(max_steps and metrics.get("step") is not None and metrics["step"] < max_steps),
+            "finished": bool(metrics.get("done")) and not result.error,
             "command": "o2o " + shlex.join(trial_argv(base, {flag: result.config[flag] for flag in flags}, run_dir)),
         })
-    rows = trial_table(results, flags, args.metric, args.mode)
+    rows = [{**row, "status": trial_status(row)} for row in trial_table(results, flags, args.metric, args.mode)]
     _write_outputs(out_dir, args, rows, flags, metrics_from)
     _print_table(rows, flags, args.metric)
     best = next((row for row in rows if row.get(args.metric) is not None), None)
     if best is not None:
         print(f"best: {best['command']}")
     print(f"sweep directory: {out_dir} (sweep.csv, sweep.json, sweep.png)")
+    unfinished = [row["trial"] for row in rows if row["status"] in ("unfinished", "error")]
+    if unfinished:
+        print(f"{len(unfinished)} trials did not finish; the same command with --resume runs them again")
     if best is None:
         raise SweepError(f"no trial finished; first error: {rows[0]['error']} (each trial's output: {out_dir / TRIALS_DIR}/*/{TRIAL_LOG})")
     return out_dir
+
+
+def _new_tuner(args: SweepArgs, trainable: Any, dimensions: tuple[Dimension, ...], out_dir: Path, tune: Any,
+               max_steps: int | None, grace_steps: int | None) -> Any:
+    """Tune's tuner for a new sweep: the search space, seeded draws, the scheduler, trial names."""
+    scheduler = None
+    if args.scheduler == "asha":  # over the environment steps the trials report
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="step", max_t=max_steps, grace_period=grace_steps, reduction_factor=args.reduction_factor
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=_search_space(dimensions, tune),
+        tune_config=tune.TuneConfig(
+            metric=args.metric, mode=args.mode, num_samples=args.num_samples, scheduler=scheduler,
+            search_alg=tune.search.BasicVariantGenerator(random_state=args.seed),
+            max_concurrent_trials=args.max_concurrent_trials or None,
+            trial_name_creator=trial_directory_name, trial_dirname_creator=trial_directory_name,
+        ),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(out_dir), verbose=1),
+    )
 
 
 def trial_error(error: BaseException | None, log_path: Path) -> str | None:
@@ -472,7 +533,7 @@ def trial_error(error: BaseException | None, log_path: Path) -> str | None:
 def _write_outputs(out_dir: Path, args: SweepArgs, rows: list[dict[str, Any]], flags: list[str], metrics_from: str) -> None:
     import csv
 
-    columns = ["trial", *flags, "step", args.metric, f"{args.metric}_std", "seeds", "stopped_early", "error", "run_dir", "command"]
+    columns = ["trial", *flags, "step", args.metric, f"{args.metric}_std", "seeds", "status", "error", "run_dir", "command"]
     temporary = out_dir / ".sweep.csv.tmp"
     with temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")

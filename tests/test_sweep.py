@@ -17,6 +17,7 @@ from experiments.sweep import (
     asha_steps,
     check_command,
     command_steps,
+    continuation_flags,
     default_metrics_from,
     evaluation_summaries,
     grid_trials,
@@ -108,6 +109,33 @@ def test_asha_takes_the_trials_length_from_the_command_or_asks_for_it():
         asha_steps(SweepArgs("train", max_steps=500, grace_steps=600), ["train"])
 
 
+def test_a_trial_started_again_continues_its_run_from_its_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "trial"
+    assert continuation_flags("train", run_dir) == []
+    (run_dir / "checkpoints" / "500.orbax-checkpoint-tmp").mkdir(parents=True)
+    assert continuation_flags("train", run_dir) == []  # nothing committed: o2o starts afresh
+    (run_dir / "checkpoints" / "500").mkdir()
+    assert continuation_flags("train", run_dir) == ["--resume"]
+    assert continuation_flags("run", run_dir) == ["--overwrite"]  # o2o run cannot resume
+
+
+def test_a_resumed_sweep_must_repeat_its_command_and_space(tmp_path, monkeypatch):
+    pytest.importorskip("ray.tune", reason="Ray Tune is the sweep extra (pip install 'o2o[sweep]'), not in the test extra")
+    out_dir = tmp_path / "sweep"
+    with pytest.raises(SystemExit, match="holds no sweep to resume"):
+        main(["sweep", TINY_TRAIN, "--space", "sac.actor-lr=1e-4", "--out-dir", str(out_dir), "--resume"])
+    out_dir.mkdir()
+    (out_dir / "tune").mkdir()
+    (out_dir / "sweep_spec.json").write_text(json.dumps({
+        "command": TINY_TRAIN, "space": ["sac.actor-lr=1e-4"], "num_samples": 1, "metric": "eval_return", "mode": "max",
+        "metrics_from": None, "scheduler": "fifo", "grace_steps": 0, "max_steps": None, "reduction_factor": 3, "seed": 0,
+    }))
+    with pytest.raises(SystemExit, match=r"--space was \['sac.actor-lr=1e-4'\], now \['sac.actor-lr=3e-4'\]"):
+        main(["sweep", TINY_TRAIN, "--space", "sac.actor-lr=3e-4", "--out-dir", str(out_dir), "--resume"])
+    with pytest.raises(SystemExit, match="already holds a sweep: --resume continues it"):
+        main(["sweep", TINY_TRAIN, "--space", "sac.actor-lr=1e-4", "--out-dir", str(out_dir)])
+
+
 def test_a_misspelt_flag_stops_the_sweep_before_any_trial(tmp_path, capsys):
     validate_trials(["train"], parse_space(("sac.actor-lr=1e-4,3e-4",)), tmp_path)
     with pytest.raises(SystemExit):
@@ -188,13 +216,13 @@ def test_asha_stops_trials_at_their_rungs_and_leaves_no_o2o_process_behind(tmp_p
           "--reduction-factor", "2", "--out-dir", str(out_dir), "--poll-seconds", "0.2"])
     with (out_dir / "sweep.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 4 and not any(row["error"] for row in rows)
-    finished = [row["stopped_early"] == "False" for row in rows]
+    assert len(rows) == 4
+    finished = [row["status"] == "ok" for row in rows]
     assert finished == sorted(finished, reverse=True)  # trials that ran to the end rank first
     for row in rows:
         logged = max(r["step"] for r in read_metrics(row["run_dir"]) if "eval_return" in r)
         assert logged >= int(row["step"])  # a stopped run may have logged on until it was killed
-        assert (int(row["step"]) == 600) == (row["stopped_early"] == "False")
+        assert row["status"] in ("ok", "stopped early") and (int(row["step"]) == 600) == (row["status"] == "ok")
     running = [path for path in Path("/proc").glob("[0-9]*/cmdline") if _reads(path).find(str(out_dir)) >= 0]
     assert running == []
 
