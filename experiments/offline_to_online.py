@@ -673,7 +673,8 @@ def train_scratch(
     schedule = dataclasses.replace(schedule, warmup_actions="random")
     _, rows = train_online(
         lambda key: SAC.create(key, observation_space, action_space, config), make_env, schedule, seeds, run_dir,
-        run_config={"baseline": "sac_scratch", "env": env_id, "seeds": seeds, "sac": config, "online": schedule},
+        run_config={"baseline": "sac_scratch", "env": env_id, "seeds": seeds, "sac": config, "online": schedule,
+                    "reward_scale": reward_scale, "reward_bias": reward_bias},
         progress=progress, score_fn=score_fn,
         jax_env=device_envs(env_id, env_loop, reward_scale, reward_bias),
     )

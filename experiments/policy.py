@@ -55,6 +55,8 @@ class RunAgents:
     """Checkpoint restored (its directory name: environment steps; iterations for ppo, loop and uni_o4)."""
     run_dir: Path
     """The run directory."""
+    reward_transform: tuple[float, float] = (1.0, 0.0)
+    """(scale, bias) of the rewards the run trained on (``scale * r + bias``); evaluation uses the env's own."""
 
 
 def locate_run(path: str | Path) -> tuple[Path, int | None]:
@@ -84,6 +86,18 @@ def _spaces(env_id: str, continuous: bool | None) -> tuple[gym.Space, gym.Space]
 
 def _stacked(create: Callable[[jax.Array], Any], num_seeds: int) -> Any:
     return jax.vmap(create)(jax.random.split(jax.random.PRNGKey(0), num_seeds))
+
+
+def _reward_transform(run_dir: Path) -> tuple[float, float]:
+    """The training rewards' (scale, bias) that a pretrain or finetune run or a scratch baseline
+    records; (1, 0) otherwise."""
+    for name in (PRETRAIN_RECORD, FINETUNE_RECORD):
+        if (run_dir / name).is_file():
+            record = json.loads((run_dir / name).read_text())
+            break
+    else:
+        record = json.loads((run_dir / CONFIG_RECORD).read_text()).get("config") or {}
+    return float(record.get("reward_scale", 1.0)), float(record.get("reward_bias", 0.0))
 
 
 def _agent_template(run_dir: Path, env_override: str | None) -> tuple[Any, str, str, tuple[int, ...]]:
@@ -172,7 +186,7 @@ def load_run_agents(path: str | Path, step: int | None = None, env_id: str | Non
         state, _ = checkpointer.restore({"agent": template}, step, what=str(run_dir), partial=True)
     finally:
         checkpointer.close()
-    return RunAgents(state["agent"], kind, env_id, seeds, int(step), run_dir)
+    return RunAgents(state["agent"], kind, env_id, seeds, int(step), run_dir, _reward_transform(run_dir))
 
 
 class Policy:
@@ -230,7 +244,7 @@ class EvaluateArgs:
     states for every seed); prints the returns and writes them as JSON."""
 
     run_dir: tyro.conf.Positional[Path]
-    """Run directory (or its checkpoints/ or one checkpoint step directory) of train, pretrain, finetune or a scratch baseline."""
+    """Run directory (or its checkpoints/ or one checkpoint step directory) of train, pretrain, finetune, run (its fine-tuned stage) or a scratch baseline."""
     episodes: int = 10
     """Episodes per seed."""
     step: int | None = None
@@ -290,6 +304,9 @@ def evaluate(args: EvaluateArgs) -> Path:
         print(f"seed {seed}: return {entry['mean']:.1f} ± {entry['std']:.1f} (min {entry['min']:.1f}, max {entry['max']:.1f})"
               + (f", normalised score {entry['normalised_score']:.1f}" if score is not None else ""))
     means = returns.mean(axis=1)
+    if run.reward_transform != (1.0, 0.0):
+        scale, bias = run.reward_transform
+        print(f"note: returns of {run.env_id}'s own rewards r; the run trained on {scale} * r + {bias} (its logged returns are of those)")
     print(f"{run.kind} on {run.env_id}, step {run.step}, {args.episodes} {'stochastic' if args.stochastic else 'deterministic'} episodes per seed: "
           f"mean over seeds {means.mean():.1f} ± {means.std():.1f} ({time.perf_counter() - started:.1f} s)")
     out = args.out or run.run_dir / f"evaluation_step{run.step}.json"
@@ -297,6 +314,7 @@ def evaluate(args: EvaluateArgs) -> Path:
     write_json_atomic(out, {
         **run_record(args), "run_dir": str(run.run_dir), "kind": run.kind, "env": run.env_id, "step": run.step,
         "mean_over_seeds": float(means.mean()), "std_over_seeds": float(means.std()), "seeds": per_seed,
+        "training_reward_transform": {"scale": run.reward_transform[0], "bias": run.reward_transform[1]},
     })
     print(f"wrote {out}")
     return out
