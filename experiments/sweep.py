@@ -160,6 +160,15 @@ def trial_argv(base: list[str], values: dict[str, Any], run_dir: Path) -> list[s
     return argv + ["--run-dir", str(run_dir)]
 
 
+def with_wandb_group(base: list[str], group: str) -> list[str]:
+    """A command that logs to W&B gets the sweep as its W&B group (unless it names one), so a
+    sweep's trials appear together."""
+    flags = {word.split("=")[0] for word in base}
+    if "--log.wandb-project" in flags and "--log.wandb-group" not in flags:
+        return [*base, "--log.wandb-group", group]
+    return base
+
+
 def check_command(base: list[str]) -> None:
     """Refuse commands a sweep cannot run and flags it sets itself."""
     if not base or base[0] not in SWEEPABLE_COMMANDS:
@@ -459,6 +468,7 @@ def sweep(args: SweepArgs) -> Path | None:
     ray = import_extra("ray", "sweep", "o2o sweep")
     tune = import_extra("ray.tune", "sweep", "o2o sweep")
     out_dir = _make_out_dir(args)
+    base = with_wandb_group(base, out_dir.name)
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     trainable = tune.with_resources(
         functools.partial(_tune_trial, base=base, out_dir=out_dir, metrics_from=metrics_from, metric=args.metric, poll_seconds=args.poll_seconds),

@@ -26,6 +26,7 @@ from experiments.sweep import (
     run_trial,
     trial_argv,
     validate_trials,
+    with_wandb_group,
     written_rows,
 )
 from rl.logging import read_metrics
@@ -82,6 +83,12 @@ def test_only_run_directory_commands_are_swept_and_the_sweep_owns_run_dir():
 def test_trial_command_line_gives_multi_word_values_several_words(tmp_path):
     argv = trial_argv(["train", "--env", "Pendulum-v1"], {"sac.critic-hidden-dims": "64 64", "sac.tau": 0.01}, tmp_path / "t")
     assert argv == ["train", "--env", "Pendulum-v1", "--sac.critic-hidden-dims", "64", "64", "--sac.tau", "0.01", "--run-dir", str(tmp_path / "t")]
+
+
+def test_trials_logging_to_wandb_share_the_sweeps_group_unless_the_command_names_one():
+    assert with_wandb_group(["train", "--log.wandb-project", "p"], "sweep_1")[-2:] == ["--log.wandb-group", "sweep_1"]
+    assert with_wandb_group(["train", "--log.wandb-project=p", "--log.wandb-group", "g"], "sweep_1")[-1] == "g"
+    assert with_wandb_group(["train"], "sweep_1") == ["train"]
 
 
 def test_grid_multiplies_and_num_samples_repeats_it():
