@@ -204,6 +204,22 @@ def _offline_to_online_commands() -> dict[str, tuple[type, Any]]:
     return COMMANDS
 
 
+def commands() -> dict[str, tuple[type, Any]]:
+    """Every ``o2o`` command: name -> (args dataclass, function taking the parsed args), in the
+    order ``o2o --help`` lists them."""
+    from experiments.policy import EvaluateArgs, evaluate
+
+    return {
+        "train": (TrainArgs, train), "plot": (PlotArgs, plot), "evaluate": (EvaluateArgs, evaluate), "sweep": (SweepArgs, sweep),
+        **_offline_to_online_commands(),
+    }
+
+
+def command_args_types() -> dict[str, type]:
+    """Each ``o2o`` command's args dataclass, by command name."""
+    return {name: args_type for name, (args_type, _) in commands().items()}
+
+
 def _split_preset(argv: list[str]) -> tuple[list[str], str | None]:
     if "--preset" not in argv:
         return argv, None
@@ -223,18 +239,12 @@ def parse_args(argv: list[str]) -> tuple[Any, Any]:
             train_default = _apply_preset(train_default, presets.load(preset))
         except ValueError as error:
             raise SystemExit(f"o2o: {error}") from None
-    from experiments.policy import EvaluateArgs, evaluate
-
-    handlers: dict[type, Any] = {TrainArgs: train, PlotArgs: plot, SweepArgs: sweep, EvaluateArgs: evaluate}
-    choices: list[Any] = [
-        Annotated[TrainArgs, tyro.conf.subcommand("train", default=train_default)],
-        Annotated[PlotArgs, tyro.conf.subcommand("plot")],
-        Annotated[EvaluateArgs, tyro.conf.subcommand("evaluate")],
-        Annotated[SweepArgs, tyro.conf.subcommand("sweep")],
-    ]
-    for name, (args_type, handler) in _offline_to_online_commands().items():
+    handlers: dict[type, Any] = {}
+    choices: list[Any] = []
+    for name, (args_type, handler) in commands().items():
         handlers[args_type] = handler
-        choices.append(Annotated[args_type, tyro.conf.subcommand(name)])
+        marker = tyro.conf.subcommand(name, default=train_default) if name == "train" else tyro.conf.subcommand(name)
+        choices.append(Annotated[args_type, marker])
     try:
         args = tyro.cli(Union[tuple(choices)], args=argv, prog="o2o")
     except ValueError as error:  # config __post_init__ checks

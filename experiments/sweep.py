@@ -10,13 +10,15 @@ over seeds and run directory, best first) and ``sweep.png`` (learning curves of 
 
 Search space: ``FLAG=V1,V2,...`` is a grid over those values (each value passed to the flag as
 written; a value with spaces gives the flag several words, e.g. ``sac.critic-hidden-dims=64 64,256
-256``); ``FLAG=uniform(a,b)``, ``loguniform(a,b)``, ``randint(a,b)`` (a <= n < b) and
+256``; an on-off flag takes ``True,False``); ``FLAG=uniform(a,b)``, ``loguniform(a,b)``, ``randint(a,b)`` (a <= n < b) and
 ``choice(v1,v2,...)`` draw a value per trial. Grids multiply; ``--num-samples`` repeats the whole
 grid with new draws.
 
 Ray Tune does the scheduling (concurrent trials within ``--cpus-per-trial`` / ``--gpus-per-trial``,
-machines of a cluster with ``--address auto``); this module only turns the space into Tune's and a
-trial into an o2o process. On a cluster, ``--out-dir`` must be a directory every machine sees.
+machines of a cluster with ``--address auto``, early stopping with ``--scheduler asha``, an
+interrupted sweep continued with ``--resume``); this module only turns the space into Tune's and a
+trial into an o2o process, and lists a grid itself only for ``--dry-run``, which needs no Ray. On a
+cluster, ``--out-dir`` must be a directory every machine sees.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from rl.logging import METRICS_JSONL, plot_runs, run_record, write_json_atomic
 SWEEPABLE_COMMANDS = ("train", "pretrain", "finetune", "run")
 """o2o commands a sweep can run: those that take --run-dir and write evaluation metrics."""
 RESERVED_FLAGS = ("--run-dir", "--resume", "--overwrite")
-"""Flags the sweep sets itself (each trial starts fresh in its own run directory)."""
+"""Flags the sweep sets itself (each trial has its own run directory; a resumed trial gets --resume)."""
 SAMPLERS = ("uniform", "loguniform", "randint", "choice")
 TRIALS_DIR = "trials"
 TRIAL_LOG = "o2o.log"
@@ -153,11 +155,34 @@ def parse_space(entries: tuple[str, ...]) -> tuple[Dimension, ...]:
 
 def trial_argv(base: list[str], values: dict[str, Any], run_dir: Path) -> list[str]:
     """The o2o command line of one trial: the base command, each flag with its value (a value with
-    spaces as several words), and the trial's run directory."""
+    spaces as several words; True / False of an on-off flag as ``--flag`` / ``--…no-flag``), and
+    the trial's run directory."""
     argv = list(base)
     for flag, value in values.items():
-        argv += [f"--{flag}", *shlex.split(str(value))]
+        text = str(value)
+        if text.lower() in ("true", "false") and is_switch(base[0], flag):
+            head, _, last = flag.rpartition(".")
+            argv.append(f"--{flag}" if text.lower() == "true" else f"--{head + '.' if head else ''}no-{last}")
+        else:
+            argv += [f"--{flag}", *shlex.split(text)]
     return argv + ["--run-dir", str(run_dir)]
+
+
+@functools.lru_cache(maxsize=None)
+def is_switch(command: str, flag: str) -> bool:
+    """Whether ``flag`` of an o2o command is an on-off switch (a plain ``bool`` field, which the
+    command line sets as ``--flag`` / ``--no-flag`` rather than with a value)."""
+    import typing
+
+    from experiments.cli import command_args_types
+
+    owner: Any = command_args_types().get(command)
+    for part in flag.split("."):
+        hints = typing.get_type_hints(owner) if dataclasses.is_dataclass(owner) else {}
+        owner = hints.get(part.replace("-", "_"))
+        if owner is None:
+            return False
+    return owner is bool
 
 
 def with_wandb_group(base: list[str], group: str) -> list[str]:

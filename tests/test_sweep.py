@@ -21,6 +21,7 @@ from experiments.sweep import (
     default_metrics_from,
     evaluation_summaries,
     grid_trials,
+    is_switch,
     parse_dimension,
     parse_space,
     run_trial,
@@ -89,6 +90,13 @@ def test_trials_logging_to_wandb_share_the_sweeps_group_unless_the_command_names
     assert with_wandb_group(["train", "--log.wandb-project", "p"], "sweep_1")[-2:] == ["--log.wandb-group", "sweep_1"]
     assert with_wandb_group(["train", "--log.wandb-project=p", "--log.wandb-group", "g"], "sweep_1")[-1] == "g"
     assert with_wandb_group(["train"], "sweep_1") == ["train"]
+
+
+def test_on_off_flags_take_true_and_false_as_their_two_forms(tmp_path):
+    argv = trial_argv(["train"], {"sac.critic-layer-norm": "True", "sac.backup-entropy": "false", "progress": "True"}, tmp_path)
+    assert argv[:5] == ["train", "--sac.critic-layer-norm", "--sac.no-backup-entropy", "--progress", "True"]  # progress: bool | None
+    assert is_switch("run", "pretrain.cql.sac.critic-layer-norm") and not is_switch("train", "sac.tau")
+    validate_trials(["train"], parse_space(("sac.critic-layer-norm=True,False", "sac.backup-entropy=False")), tmp_path)
 
 
 def test_grid_multiplies_and_num_samples_repeats_it():
