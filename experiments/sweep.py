@@ -67,7 +67,9 @@ class SweepArgs:
     num_samples: int = 1
     """Times the whole grid is run (with new draws of the sampled flags each time)."""
     metric: str = "eval_return"
-    """Metric column scored: its mean over the run's seeds at the last evaluation."""
+    """Metric column scored, as its mean over the run's seeds."""
+    score: Literal["final", "curve"] = "final"
+    """Rank trials by the metric at their last evaluation (final), or by its mean over all their evaluations (curve: the area under the learning curve, which rewards learning fast)."""
     mode: Literal["max", "min"] = "max"
     """Whether a larger or a smaller metric is better."""
     metrics_from: str | None = None
@@ -240,7 +242,8 @@ def grid_trials(dimensions: tuple[Dimension, ...], num_samples: int) -> list[dic
 
 def evaluation_summaries(rows: list[dict[str, Any]], metric: str, complete_through: float) -> list[dict[str, Any]]:
     """Per logged step up to ``complete_through``: the step, the metric's mean over seeds, its
-    standard deviation and the seed count (rows without the metric are skipped)."""
+    standard deviation, the seed count and the mean of the means so far (rows without the metric
+    are skipped)."""
     by_step: dict[int, list[float]] = {}
     for row in rows:
         value = row.get(metric)
@@ -252,7 +255,19 @@ def evaluation_summaries(rows: list[dict[str, Any]], metric: str, complete_throu
         mean = sum(values) / len(values)
         std = math.sqrt(sum((value - mean) ** 2 for value in values) / len(values))
         summaries.append({"step": step, metric: mean, f"{metric}_std": std, "seeds": len(values)})
+    for index, summary in enumerate(summaries):
+        summary[curve_key(metric)] = sum(s[metric] for s in summaries[: index + 1]) / (index + 1)
     return summaries
+
+
+def curve_key(metric: str) -> str:
+    """Report key of a metric's mean over the evaluations so far (the area under its curve)."""
+    return f"{metric}_curve_mean"
+
+
+def scored_key(args: SweepArgs) -> str:
+    """The report key a sweep ranks its trials by."""
+    return args.metric if args.score == "final" else curve_key(args.metric)
 
 
 def written_rows(path: Path) -> list[dict[str, Any]]:
@@ -388,7 +403,7 @@ def asha_steps(args: SweepArgs, base: list[str]) -> tuple[int, int]:
     return max_steps, grace_steps
 
 
-def trial_table(results: list[dict[str, Any]], flags: list[str], metric: str, mode: str) -> list[dict[str, Any]]:
+def trial_table(results: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
     """The trials best first: those that ran to the end by their final score, then those a
     scheduler stopped early or an interruption cut short by their last score, then those with
     no score."""
@@ -419,24 +434,26 @@ def trial_status(row: dict[str, Any]) -> str:
     return "ok" if row.get("finished", True) else "unfinished"
 
 
-def _print_table(rows: list[dict[str, Any]], flags: list[str], metric: str) -> None:
+def _print_table(rows: list[dict[str, Any]], flags: list[str], metric: str, ranked_by: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"o2o sweep: final {metric} (mean over seeds), best first")
-    for column in ["trial", *flags, "step", metric, "± std", "status"]:
+    table = Table(title=f"o2o sweep: {metric} (mean over seeds), best {ranked_by} first")
+    for column in ["trial", *flags, "step", f"final {metric}", "± std", "curve mean", "status"]:
         table.add_column(column)
     for row in rows:
-        score = row.get(metric)
+        score, curve = row.get(metric), row.get(curve_key(metric))
         table.add_row(
             row["trial"], *(_short(row[flag]) for flag in flags), "-" if row.get("step") is None else str(row["step"]),
             "-" if score is None else f"{score:.2f}", "-" if score is None else f"{row[f'{metric}_std']:.2f}",
+            "-" if curve is None else f"{curve:.2f}",
             row["status"],
         )
-    Console().print(table)
+    # Piped output gets a wide table rather than rich's 80 columns with truncated flag names.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
-SPEC_FIELDS = ("command", "space", "num_samples", "metric", "mode", "metrics_from", "scheduler", "grace_steps",
+SPEC_FIELDS = ("command", "space", "num_samples", "metric", "score", "mode", "metrics_from", "scheduler", "grace_steps",
                "max_steps", "reduction_factor", "seed")
 """SweepArgs fields that define a sweep's trials and scores: a resumed sweep must repeat them."""
 SPEC_JSON = "sweep_spec.json"
@@ -487,7 +504,8 @@ def sweep(args: SweepArgs) -> Path | None:
         for index, values in enumerate(planned):
             command = shlex.join(trial_argv(base, values, Path("<out-dir>/trials/<trial id>")))
             print(f"trial {index}: o2o {command}" + (f"  (drawn: {drawn})" if drawn else ""))
-        print(f"{len(planned)} trials; scored: final '{args.metric}' of <run dir>/{metrics_from}, {args.mode}imised")
+        scored = f"final '{args.metric}'" if args.score == "final" else f"'{args.metric}' averaged over the evaluations"
+        print(f"{len(planned)} trials; scored: {scored} of <run dir>/{metrics_from}, {args.mode}imised")
         return None
 
     ray = import_extra("ray", "sweep", "o2o sweep")
@@ -513,15 +531,16 @@ def sweep(args: SweepArgs) -> Path | None:
         results.append({
             "trial": trial_id, **{flag: result.config[flag] for flag in flags},
             "step": metrics.get("step"), args.metric: metrics.get(args.metric), f"{args.metric}_std": metrics.get(f"{args.metric}_std"),
+            curve_key(args.metric): metrics.get(curve_key(args.metric)),
             "seeds": metrics.get("seeds"), "run_dir": str(run_dir), "error": trial_error(result.error, run_dir / TRIAL_LOG),
             "stopped_early": bool(max_steps and metrics.get("step") is not None and metrics["step"] < max_steps),
             "finished": bool(metrics.get("done")) and not result.error,
             "command": "o2o " + shlex.join(trial_argv(base, {flag: result.config[flag] for flag in flags}, run_dir)),
         })
-    rows = [{**row, "status": trial_status(row)} for row in trial_table(results, flags, args.metric, args.mode)]
+    rows = [{**row, "status": trial_status(row)} for row in trial_table(results, scored_key(args), args.mode)]
     _write_outputs(out_dir, args, rows, flags, metrics_from)
-    _print_table(rows, flags, args.metric)
-    best = next((row for row in rows if row.get(args.metric) is not None), None)
+    _print_table(rows, flags, args.metric, "final" if args.score == "final" else "curve mean")
+    best = next((row for row in rows if row.get(scored_key(args)) is not None), None)
     if best is not None:
         print(f"best: {best['command']}")
     print(f"sweep directory: {out_dir} (sweep.csv, sweep.json, sweep.png)")
@@ -545,7 +564,7 @@ def _new_tuner(args: SweepArgs, trainable: Any, dimensions: tuple[Dimension, ...
         trainable,
         param_space=_search_space(dimensions, tune),
         tune_config=tune.TuneConfig(
-            metric=args.metric, mode=args.mode, num_samples=args.num_samples, scheduler=scheduler,
+            metric=scored_key(args), mode=args.mode, num_samples=args.num_samples, scheduler=scheduler,
             search_alg=tune.search.BasicVariantGenerator(random_state=args.seed),
             max_concurrent_trials=args.max_concurrent_trials or None,
             trial_name_creator=trial_directory_name, trial_dirname_creator=trial_directory_name,
@@ -568,7 +587,8 @@ def trial_error(error: BaseException | None, log_path: Path) -> str | None:
 def _write_outputs(out_dir: Path, args: SweepArgs, rows: list[dict[str, Any]], flags: list[str], metrics_from: str) -> None:
     import csv
 
-    columns = ["trial", *flags, "step", args.metric, f"{args.metric}_std", "seeds", "status", "error", "run_dir", "command"]
+    columns = ["trial", *flags, "step", args.metric, f"{args.metric}_std", curve_key(args.metric), "seeds", "status", "error",
+               "run_dir", "command"]
     temporary = out_dir / ".sweep.csv.tmp"
     with temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
@@ -576,7 +596,7 @@ def _write_outputs(out_dir: Path, args: SweepArgs, rows: list[dict[str, Any]], f
         writer.writerows(rows)
     temporary.replace(out_dir / "sweep.csv")
     write_json_atomic(out_dir / "sweep.json", {**run_record(args), "command": sys.argv, "trials": rows})
-    plotted = [row for row in rows if row.get(args.metric) is not None][:PLOTTED_TRIALS]
+    plotted = [row for row in rows if row.get(scored_key(args)) is not None][:PLOTTED_TRIALS]
     if plotted:
         plot_runs(
             [Path(row["run_dir"]) / metrics_from for row in plotted], out_dir / "sweep.png", metric=args.metric,

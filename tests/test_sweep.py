@@ -26,6 +26,7 @@ from experiments.sweep import (
     parse_space,
     run_trial,
     trial_argv,
+    trial_table,
     validate_trials,
     with_wandb_group,
     written_rows,
@@ -165,8 +166,21 @@ def test_evaluation_summaries_average_the_seeds_of_complete_steps_only():
         {"step": 200, "seed": 0, "eval_return": -5.0},
     ]
     (summary,) = evaluation_summaries(rows, "eval_return", complete_through=100)
-    assert summary == {"step": 100, "eval_return": -15.0, "eval_return_std": 5.0, "seeds": 2}
-    assert [s["step"] for s in evaluation_summaries(rows, "eval_return", complete_through=math.inf)] == [100, 200]
+    assert summary == {"step": 100, "eval_return": -15.0, "eval_return_std": 5.0, "seeds": 2, "eval_return_curve_mean": -15.0}
+    both = evaluation_summaries(rows, "eval_return", complete_through=math.inf)
+    assert [s["step"] for s in both] == [100, 200] and both[1]["eval_return_curve_mean"] == -10.0  # (-15 + -5) / 2
+
+
+def test_trials_rank_by_the_chosen_score_finished_before_stopped_before_unscored():
+    rows = [
+        {"trial": "slow", "eval_return": -100.0, "eval_return_curve_mean": -900.0},
+        {"trial": "fast", "eval_return": -150.0, "eval_return_curve_mean": -400.0},
+        {"trial": "cut", "eval_return": -90.0, "eval_return_curve_mean": -300.0, "stopped_early": True},
+        {"trial": "broken", "eval_return": None, "error": "o2o: ..."},
+    ]
+    assert [r["trial"] for r in trial_table(rows, "eval_return", "max")] == ["slow", "fast", "cut", "broken"]
+    assert [r["trial"] for r in trial_table(rows, "eval_return_curve_mean", "max")] == ["fast", "slow", "cut", "broken"]
+    assert [r["trial"] for r in trial_table(rows, "eval_return", "min")][:2] == ["fast", "slow"]
 
 
 def test_a_half_written_metrics_line_waits_for_the_next_look(tmp_path):
