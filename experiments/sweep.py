@@ -280,14 +280,23 @@ def written_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
-def _die_with_parent() -> None:
-    """In the child, before it runs o2o: on Linux, have the kernel kill it when the trial's process
-    ends (Tune may end a stopped trial's worker without running its cleanup)."""
+TRIAL_CHILD = "import sys; from experiments.sweep import trial_child_main; trial_child_main(sys.argv[1:])"
+"""What a trial's child process runs: the o2o command line given as its arguments."""
+
+
+def trial_child_main(argv: list[str]) -> None:
+    """A trial's o2o process: on Linux it first asks the kernel to kill it when the trial's process
+    ends (Tune may end a stopped trial's worker without running its cleanup), then runs ``o2o
+    argv``. Done in the child after it started, not between fork and exec, where a process with
+    JAX's threads must not run Python."""
     if sys.platform.startswith("linux"):
         import ctypes
         import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    from experiments.cli import main
+
+    main(argv)
 
 
 def run_trial(
@@ -310,9 +319,7 @@ def run_trial(
     reported_through = -1
     last: dict[str, Any] | None = None
     with log_path.open("w") as log:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "experiments.cli", *argv], stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
-        )
+        child = subprocess.Popen([sys.executable, "-c", TRIAL_CHILD, *argv], stdout=log, stderr=subprocess.STDOUT)
         try:
             while True:
                 finished = child.poll() is not None
