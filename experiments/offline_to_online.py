@@ -39,14 +39,14 @@ import tyro
 from agents.cql import CQL, CQLConfig, offline_buffer, transform_rewards
 from agents.sac import SAC, SACConfig
 from agents.uni_o4 import UniO4Config
-from agents.wsrl import create_pretrained_template, restore_pretrained, run_wsrl, wsrl_config, wsrl_schedule
+from agents.wsrl import run_wsrl, wsrl_config, wsrl_schedule
 from envs import registry
 from envs.jax_env import RewardTransformed
 from rl import compilation_cache
 from rl.checkpoint import CheckpointMismatch
 from rl.data import collect as collect_lib
-from rl.extras import MissingExtra
 from rl.data import datasets
+from rl.extras import MissingExtra
 from rl.logging import LogSinks, metric_sinks, plot_runs, write_json_atomic
 from rl.loops import OfflineConfig, OnlineConfig, train_offline, train_online
 from rl.rollouts import JaxEnvSpec
@@ -435,9 +435,10 @@ def read_pretrain_record(run_dir: Path) -> dict[str, Any]:
 def load_pretrained(path: Path, env_id: str | None = None) -> tuple[CQL, dict[str, Any], str]:
     """Restore the seed-stacked pretrained agent of a pretraining run; checks the environment's
     spaces against the checkpoint. Returns the agent, the record and the env id."""
+    from experiments.policy import load_run_agents  # it builds on this module
+
     run_dir, step = find_pretrain_run(path)
     record = read_pretrain_record(run_dir)
-    cql_config = apply_overrides(CQLConfig(), record["cql"])
     env_id = env_id or record["env"]
     _, (observation_space, action_space) = _make_env_checked(env_id)
     for name, space, expected in (
@@ -449,9 +450,7 @@ def load_pretrained(path: Path, env_id: str | None = None) -> tuple[CQL, dict[st
             raise ConfigError(
                 f"environment '{env_id}' has {name} width {width} but the pretrained agent expects {expected}"
             )
-    template = create_pretrained_template(observation_space, action_space, cql_config, len(record["seeds"]))
-    agent, _ = restore_pretrained(run_dir / "checkpoints", template, step)
-    return agent, record, env_id
+    return load_run_agents(run_dir, step, env_id).agents, record, env_id
 
 
 # ----------------------------------------------------------------------------- collect
