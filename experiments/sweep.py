@@ -528,22 +528,8 @@ def sweep(args: SweepArgs) -> Path | None:
         tuner = tune.Tuner.restore(str(out_dir / TUNE_DIR), trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = _new_tuner(args, trainable, dimensions, out_dir, tune, max_steps, grace_steps)
-    grid = tuner.fit()
     flags = [dimension.flag for dimension in dimensions]
-    results = []
-    for result in grid:
-        trial_id = Path(result.path).name  # named by trial_directory_name
-        run_dir = out_dir / TRIALS_DIR / trial_id
-        metrics = result.metrics or {}
-        results.append({
-            "trial": trial_id, **{flag: result.config[flag] for flag in flags},
-            "step": metrics.get("step"), args.metric: metrics.get(args.metric), f"{args.metric}_std": metrics.get(f"{args.metric}_std"),
-            curve_key(args.metric): metrics.get(curve_key(args.metric)),
-            "seeds": metrics.get("seeds"), "run_dir": str(run_dir), "error": trial_error(result.error, run_dir / TRIAL_LOG),
-            "stopped_early": bool(max_steps and metrics.get("step") is not None and metrics["step"] < max_steps),
-            "finished": bool(metrics.get("done")) and not result.error,
-            "command": "o2o " + shlex.join(trial_argv(base, {flag: result.config[flag] for flag in flags}, run_dir)),
-        })
+    results = [_trial_result(result, flags, base, out_dir, args.metric, max_steps) for result in tuner.fit()]
     rows = [{**row, "status": trial_status(row)} for row in trial_table(results, scored_key(args), args.mode)]
     _write_outputs(out_dir, args, rows, flags, metrics_from)
     _print_table(rows, flags, args.metric, "final" if args.score == "final" else "curve mean")
@@ -557,6 +543,23 @@ def sweep(args: SweepArgs) -> Path | None:
     if best is None:
         raise SweepError(f"no trial finished; first error: {rows[0]['error']} (each trial's output: {out_dir / TRIALS_DIR}/*/{TRIAL_LOG})")
     return out_dir
+
+
+def _trial_result(result: Any, flags: list[str], base: list[str], out_dir: Path, metric: str, max_steps: int | None) -> dict[str, Any]:
+    """One trial's row from Tune's result: its flag values, last report, run directory, error and
+    the command that reruns it."""
+    trial_id = Path(result.path).name  # named by trial_directory_name
+    run_dir = out_dir / TRIALS_DIR / trial_id
+    metrics = result.metrics or {}
+    values = {flag: result.config[flag] for flag in flags}
+    return {
+        "trial": trial_id, **values, "step": metrics.get("step"),
+        **{key: metrics.get(key) for key in (metric, f"{metric}_std", curve_key(metric), "seeds")},
+        "run_dir": str(run_dir), "error": trial_error(result.error, run_dir / TRIAL_LOG),
+        "stopped_early": bool(max_steps and metrics.get("step") is not None and metrics["step"] < max_steps),
+        "finished": bool(metrics.get("done")) and not result.error,
+        "command": "o2o " + shlex.join(trial_argv(base, values, run_dir)),
+    }
 
 
 def _new_tuner(args: SweepArgs, trainable: Any, dimensions: tuple[Dimension, ...], out_dir: Path, tune: Any,
