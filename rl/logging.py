@@ -190,7 +190,7 @@ class RunLogger:
             self._rewrite()
         elif self.jsonl_path.exists():
             self.jsonl_path.unlink()
-        self._tensorboard = _open_tensorboard(self.run_dir) if sinks.tensorboard else None
+        self._tensorboard = _open_tensorboard(self.run_dir, resume_step) if sinks.tensorboard else None
         self._wandb = _open_wandb(sinks, self.run_dir, record) if sinks.wandb_project else None
 
     def log(self, row: Mapping[str, Any]) -> None:
@@ -248,9 +248,14 @@ def tagged_scalars(row: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
-def _open_tensorboard(run_dir: Path):
+def _open_tensorboard(run_dir: Path, resume_step: int | None):
     tensorboardx = import_extra("tensorboardX", "tensorboard", "TensorBoard logging")
-    return tensorboardx.SummaryWriter(str(run_dir / "tensorboard"))
+    # A resumed run has TensorBoard hide what the killed attempt logged after the checkpoint, as the
+    # metric files drop those rows.
+    purge_step = None if resume_step is None or resume_step >= np.iinfo(np.int32).max else resume_step + 1
+    # Event files are named by the second they were opened in: a suffix keeps a quick restart's
+    # writer from replacing the first one's file.
+    return tensorboardx.SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step, filename_suffix=f".{time.time_ns()}")
 
 
 def _open_wandb(sinks: LogSinks, run_dir: Path, record: Mapping[str, Any]):

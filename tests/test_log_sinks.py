@@ -20,18 +20,22 @@ QUICK = [
 
 
 def read_tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the event files under ``log_dir``: tag -> [(step, value)], in written order.
+    """Every scalar TensorBoard shows from the event files under ``log_dir``: tag -> [(step, value)].
 
     Event files are TFRecord framed (length, length CRC, payload, payload CRC); the payload is an
-    ``Event`` protocol buffer, whose class tensorboardX ships."""
+    ``Event`` protocol buffer, whose class tensorboardX ships. Files are read in the order they were
+    written; a session start at step s (a resumed writer's purge step) hides the points at s and
+    after, as TensorBoard does."""
     event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2", reason="reading event files needs tensorboardX (the test extra)")
     scalars: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(log_dir.rglob("events.out.tfevents.*")):
+    for path in sorted(log_dir.rglob("events.out.tfevents.*"), key=lambda path: path.stat().st_mtime_ns):
         data, offset = path.read_bytes(), 0
         while offset < len(data):
             (length,) = struct.unpack_from("<Q", data, offset)
             event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
             offset += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                scalars = {tag: [point for point in points if point[0] < event.step] for tag, points in scalars.items()}
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
@@ -68,6 +72,21 @@ def test_train_with_log_tensorboard_writes_the_metrics_rows_as_event_scalars(tmp
         logged = scalars[f"eval_return/seed{seed}"]
         assert [step for step, _ in logged] == [200, 400]
         assert [value for _, value in logged] == pytest.approx([value for _, value in evaluations], rel=1e-6)
+
+
+def test_a_resumed_runs_tensorboard_hides_what_the_killed_attempt_logged_after_the_checkpoint(tmp_path):
+    pytest.importorskip("tensorboardX", reason="TensorBoard logging needs tensorboardX (the test extra)")
+    with metric_sinks(LogSinks(tensorboard=True)):
+        first = RunLogger(tmp_path, {})
+        for step in (1, 2, 3, 4):
+            first.log({"step": step, "loss": float(step)})
+        first.close()
+        resumed = RunLogger(tmp_path, {}, resume_step=2)  # the last checkpoint was at step 2
+        for step in (3, 4):
+            resumed.log({"step": step, "loss": 10.0 * step})
+        resumed.close()
+    assert read_tensorboard_scalars(tmp_path / "tensorboard")["loss"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    assert [row["loss"] for row in read_metrics(tmp_path)] == [1.0, 2.0, 30.0, 40.0]
 
 
 def test_wandb_receives_every_row_tagged_per_seed_against_the_logged_step(tmp_path, monkeypatch):
