@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from typing import Any, Callable
 
 import gymnasium as gym
@@ -90,6 +91,18 @@ def check_spaces(env: gym.Env, continuous_actions: bool | None = None) -> None:
         raise EnvError(f"this agent needs a Discrete action space, got {action_space}")
     if isinstance(action_space, gym.spaces.Box) and not np.all(np.isfinite(action_space.low) & np.isfinite(action_space.high)):
         raise EnvError(f"the Box action space must be bounded, got low={action_space.low}, high={action_space.high}")
+
+
+def parse_env_kwargs(text: str) -> dict[str, Any]:
+    """Keyword arguments for an environment's constructor from the command line's JSON object
+    (``'{"power": 2.0}'``); anything else raises :class:`EnvError` showing what was given."""
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise EnvError(f"--env-kwargs must be a JSON object such as '{{\"power\": 2.0}}'; got {text!r} ({error.msg})") from None
+    if not isinstance(kwargs, dict):
+        raise EnvError(f"--env-kwargs must be a JSON object such as '{{\"power\": 2.0}}'; got {text!r}")
+    return kwargs
 
 
 def steps_on_device(env_id: str, env_loop: str = "device") -> bool:

@@ -36,6 +36,8 @@ class TrainArgs:
     """Agent to train: off-policy sac / tbsac (online loop), on-policy ppo / loop (rollout loop)."""
     env: str = "Pendulum-v1"
     """Gymnasium id, o2o id (o2o/...) or import path 'package.module:ClassName'."""
+    env_kwargs: str = "{}"
+    """Keyword arguments of the environment's constructor as a JSON object, e.g. '{"power": 2.0}' (recorded; o2o evaluate uses them again)."""
     seed: int = 0
     """First seed; seeds are seed, seed+1, ..., seed+num_seeds-1."""
     num_seeds: int = 1
@@ -152,6 +154,7 @@ def train_on_policy_agent(args: TrainArgs) -> Path:
         progress=args.progress,
         score_fn=score_function(args.env),
         jax_native=registry.steps_on_device(args.env, args.env_loop),
+        env_kwargs=registry.parse_env_kwargs(args.env_kwargs),
     )
     _print_final(evaluations, schedule.total_steps, schedule.eval_episodes, run_dir)
     return run_dir
@@ -164,13 +167,14 @@ def train(args: TrainArgs) -> Path:
     online = args.online if args.steps is None else dataclasses.replace(args.online, total_steps=args.steps)
     run_dir = _prepare_run_dir(args)
     agent_cls, agent_config = OFF_POLICY_AGENTS[args.agent], getattr(args, args.agent)
-    make_env = registry.env_factory(args.env, rescale_actions=True)
+    env_kwargs = registry.parse_env_kwargs(args.env_kwargs)
+    make_env = registry.env_factory(args.env, rescale_actions=True, **env_kwargs)
     probe = make_env()
     registry.check_spaces(probe, continuous_actions=True)
     observation_space, action_space = probe.observation_space, probe.action_space
     probe.close()
     seeds = list(range(args.seed, args.seed + args.num_seeds))
-    jax_env = JaxEnvSpec(*registry.make_jax(args.env)) if registry.steps_on_device(args.env, args.env_loop) else None
+    jax_env = JaxEnvSpec(*registry.make_jax(args.env, **env_kwargs)) if registry.steps_on_device(args.env, args.env_loop) else None
     _, evaluations = train_online(
         create_agent=lambda key: agent_cls.create(key, observation_space, action_space, agent_config),
         make_env=make_env,

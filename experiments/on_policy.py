@@ -91,10 +91,12 @@ def train_agent(
     resume: bool = False,
     progress: bool | None = None,
     score_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    env_kwargs: dict[str, Any] | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
-    """Train PPO or LOOP on ``env_id`` for all ``seeds`` at once; returns (seed-stacked agent,
-    evaluation rows). ``jax_native`` (default: whenever the id has a JAX core) runs collection and
-    update as one jitted call per iteration."""
+    """Train PPO or LOOP on ``env_id`` (made with ``env_kwargs``) for all ``seeds`` at once;
+    returns (seed-stacked agent, evaluation rows). ``jax_native`` (default: whenever the id has a
+    JAX core) runs collection and update as one jitted call per iteration."""
+    env_kwargs = env_kwargs or {}
     if agent_name not in AGENTS:
         raise ValueError(f"unknown on-policy agent '{agent_name}'; known: {', '.join(AGENTS)}")
     config = agent_config if agent_config is not None else AGENTS[agent_name][1]()
@@ -102,11 +104,11 @@ def train_agent(
         jax_native = registry.steps_on_device(env_id)
     common = dict(config=schedule, seeds=seeds, run_dir=run_dir, run_config=run_config, resume=resume, progress=progress, score_fn=score_fn)
     if jax_native:
-        core, params = registry.make_jax(env_id)
+        core, params = registry.make_jax(env_id, **env_kwargs)
         observation_space, action_space = core.observation_space(params), _unit_box(core.action_space(params))
         create = agent_factory(agent_name, config, observation_space, action_space, schedule.total_steps)
         return train_on_policy(create, jax_env=JaxEnvSpec(core, params), **common)
-    make_env = registry.env_factory(env_id, rescale_actions=True)
+    make_env = registry.env_factory(env_id, rescale_actions=True, **env_kwargs)
     probe = make_env()
     registry.check_spaces(probe)
     observation_space, action_space = probe.observation_space, probe.action_space

@@ -57,6 +57,8 @@ class RunAgents:
     """The run directory."""
     reward_transform: tuple[float, float] = (1.0, 0.0)
     """(scale, bias) of the rewards the run trained on (``scale * r + bias``); evaluation uses the env's own."""
+    env_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Keyword arguments the environment is made with (``o2o train --env-kwargs``)."""
 
 
 def locate_run(path: str | Path) -> tuple[Path, int | None]:
@@ -74,9 +76,9 @@ def locate_run(path: str | Path) -> tuple[Path, int | None]:
     raise PolicyLoadError(f"{path} is not a run directory of {LOADABLE} (no {CONFIG_RECORD})")
 
 
-def _spaces(env_id: str, continuous: bool | None) -> tuple[gym.Space, gym.Space]:
+def _spaces(env_id: str, continuous: bool | None, env_kwargs: dict[str, Any]) -> tuple[gym.Space, gym.Space]:
     """The spaces the agent saw: observations as the env gives them, Box actions rescaled to [-1, 1]."""
-    env = registry.make(env_id, rescale_actions=True)
+    env = registry.make(env_id, rescale_actions=True, **env_kwargs)
     try:
         registry.check_spaces(env, continuous_actions=continuous)
         return env.observation_space, env.action_space
@@ -100,15 +102,24 @@ def _reward_transform(run_dir: Path) -> tuple[float, float]:
     return float(record.get("reward_scale", 1.0)), float(record.get("reward_bias", 0.0))
 
 
-def _agent_template(run_dir: Path, env_override: str | None) -> tuple[Any, str, str, tuple[int, ...]]:
-    """(seed-stacked template agent, kind, env id, seeds) from the run's own record."""
+def recorded_env_kwargs(run_dir: Path) -> dict[str, Any]:
+    """The environment keyword arguments an ``o2o train`` run recorded ({} for other runs)."""
+    if not (run_dir / CONFIG_RECORD).is_file() or any((run_dir / name).is_file() for name in (PRETRAIN_RECORD, FINETUNE_RECORD)):
+        return {}
+    config = json.loads((run_dir / CONFIG_RECORD).read_text()).get("config") or {}
+    return registry.parse_env_kwargs(config.get("env_kwargs") or "{}")
+
+
+def _agent_template(run_dir: Path, env_override: str | None, env_kwargs: dict[str, Any]) -> tuple[Any, str, str, tuple[int, ...]]:
+    """(seed-stacked template agent, kind, env id, seeds) from the run's own record, the env made
+    with ``env_kwargs``."""
     from agents.cql import CQLConfig
     from agents.wsrl import create_pretrained_template
 
     if (run_dir / PRETRAIN_RECORD).is_file():
         record = json.loads((run_dir / PRETRAIN_RECORD).read_text())
         env_id = env_override or record["env"]
-        observation_space, action_space = _spaces(env_id, continuous=True)
+        observation_space, action_space = _spaces(env_id, True, env_kwargs)
         config = apply_overrides(CQLConfig(), record["cql"])
         seeds = tuple(record["seeds"])
         return create_pretrained_template(observation_space, action_space, config, len(seeds)), "cql", env_id, seeds
@@ -121,13 +132,14 @@ def _agent_template(run_dir: Path, env_override: str | None) -> tuple[Any, str, 
             kind, env_id, seeds, sac_config = "sac", config["env"], tuple(config["seeds"]), config["sac"]
         elif config.get("agent") == "uni_o4" and "env" in config:
             env_id, seeds = env_override or config["env"], tuple(config["seeds"])
-            return _uni_o4_template(config["uni_o4"], env_id, len(seeds)), "uni_o4", env_id, seeds
+            return _uni_o4_template(config["uni_o4"], env_id, len(seeds), env_kwargs), "uni_o4", env_id, seeds
         elif config.get("agent") in ("sac", "tbsac", "ppo", "loop") and "env" in config:
             kind, env_id = config["agent"], config["env"]
             first, count = int(config.get("seed", 0)), int(config.get("num_seeds", 1))
             seeds = tuple(range(first, first + count))
             if kind in ("ppo", "loop"):
-                return _on_policy_template(kind, config, env_override or env_id, len(seeds)), kind, env_override or env_id, seeds
+                env_id = env_override or env_id
+                return _on_policy_template(kind, config, env_id, len(seeds), env_kwargs), kind, env_id, seeds
             sac_config = config[kind]
         else:
             raise PolicyLoadError(
@@ -135,23 +147,23 @@ def _agent_template(run_dir: Path, env_override: str | None) -> tuple[Any, str, 
                 f"(agent {config.get('agent')!r}, env {config.get('env')!r})"
             )
     env_id = env_override or env_id
-    observation_space, action_space = _spaces(env_id, continuous=True)
+    observation_space, action_space = _spaces(env_id, True, env_kwargs)
     agent_cls, config_cls = (TBSAC, TBSACConfig) if kind == "tbsac" else (SAC, SACConfig)
     agent_config = apply_overrides(config_cls(), sac_config)
     template = _stacked(lambda key: agent_cls.create(key, observation_space, action_space, agent_config), len(seeds))
     return template, kind, env_id, seeds
 
 
-def _on_policy_template(kind: str, config: dict[str, Any], env_id: str, num_seeds: int) -> Any:
+def _on_policy_template(kind: str, config: dict[str, Any], env_id: str, num_seeds: int, env_kwargs: dict[str, Any]) -> Any:
     from experiments.on_policy import AGENTS, agent_factory
 
     agent_config = apply_overrides(AGENTS[kind][1](), config[kind])
     schedule = apply_overrides(OnPolicyConfig(), config.get("on_policy", {}))
-    observation_space, action_space = _spaces(env_id, continuous=None)
+    observation_space, action_space = _spaces(env_id, None, env_kwargs)
     return _stacked(agent_factory(kind, agent_config, observation_space, action_space, schedule.total_steps), num_seeds)
 
 
-def _uni_o4_template(recorded: dict[str, Any], env_id: str, num_seeds: int) -> Any:
+def _uni_o4_template(recorded: dict[str, Any], env_id: str, num_seeds: int, env_kwargs: dict[str, Any]) -> Any:
     """Uni-O4's online PPO agents (the selected member's policy, the offline value net, the
     dataset's observation statistics) with the recorded network shapes."""
     import jax.numpy as jnp
@@ -160,7 +172,7 @@ def _uni_o4_template(recorded: dict[str, Any], env_id: str, num_seeds: int) -> A
     from agents.uni_o4 import UniO4Config, UniO4PolicyNet, online_agent
 
     config = apply_overrides(UniO4Config(), recorded)
-    observation_space, action_space = _spaces(env_id, continuous=True)
+    observation_space, action_space = _spaces(env_id, True, env_kwargs)
     observation_dim, action_dim = int(observation_space.shape[0]), int(action_space.shape[0])
     dummy = jnp.zeros((1, observation_dim))
 
@@ -172,12 +184,17 @@ def _uni_o4_template(recorded: dict[str, Any], env_id: str, num_seeds: int) -> A
     return _stacked(create, num_seeds)
 
 
-def load_run_agents(path: str | Path, step: int | None = None, env_id: str | None = None) -> RunAgents:
+def load_run_agents(
+    path: str | Path, step: int | None = None, env_id: str | None = None, env_kwargs: dict[str, Any] | None = None
+) -> RunAgents:
     """Every seed's agent of a run at checkpoint ``step`` (default: the step ``path`` names, else
-    the latest). ``env_id`` replaces the recorded environment (same spaces required: a checkpoint
-    of other shapes raises :class:`rl.checkpoint.CheckpointMismatch` naming the parameter)."""
+    the latest). ``env_id`` and ``env_kwargs`` replace the recorded environment and its keyword
+    arguments (a new ``env_id`` alone drops the recorded ones); the spaces must match: a checkpoint
+    of other shapes raises :class:`rl.checkpoint.CheckpointMismatch` naming the parameter."""
     run_dir, named_step = locate_run(path)
-    template, kind, env_id, seeds = _agent_template(run_dir, env_id)
+    if env_kwargs is None:
+        env_kwargs = {} if env_id is not None else recorded_env_kwargs(run_dir)
+    template, kind, env_id, seeds = _agent_template(run_dir, env_id, env_kwargs)
     checkpointer = Checkpointer(run_dir / "checkpoints")
     try:
         step = step if step is not None else named_step if named_step is not None else checkpointer.latest_step()
@@ -186,7 +203,7 @@ def load_run_agents(path: str | Path, step: int | None = None, env_id: str | Non
         state, _ = checkpointer.restore({"agent": template}, step, what=str(run_dir), partial=True)
     finally:
         checkpointer.close()
-    return RunAgents(state["agent"], kind, env_id, seeds, int(step), run_dir, _reward_transform(run_dir))
+    return RunAgents(state["agent"], kind, env_id, seeds, int(step), run_dir, _reward_transform(run_dir), env_kwargs)
 
 
 class Policy:
@@ -227,7 +244,7 @@ def load_policy(
     run = load_run_agents(path, step, env_id)
     if not 0 <= seed_index < len(run.seeds):
         raise PolicyLoadError(f"seed_index {seed_index} out of range: the run has {len(run.seeds)} seeds ({list(run.seeds)})")
-    env = registry.make(run.env_id)
+    env = registry.make(run.env_id, **run.env_kwargs)
     try:
         action_space = env.action_space
     finally:
@@ -251,6 +268,8 @@ class EvaluateArgs:
     """Checkpoint, by its directory name under checkpoints/ (environment steps; iterations for ppo, loop and Uni-O4); default: the one the path names, else the latest."""
     env: str | None = None
     """Evaluate on this environment instead of the run's (same spaces)."""
+    env_kwargs: str | None = None
+    """Make the environment with these keyword arguments (JSON object) instead of the run's recorded ones, e.g. to test a policy under other conditions."""
     stochastic: bool = False
     """Sample actions from the policy instead of taking its mode."""
     first_reset_seed: int = 1_000_000
@@ -263,7 +282,7 @@ def evaluate_run(run: RunAgents, reset_seeds: Sequence[Sequence[int]], stochasti
     """Undiscounted returns, shaped (seeds, episodes), of every seed's policy on fresh copies of
     the run's environment (actions rescaled to its bounds as in training), episode j of seed i
     reset with ``reset_seeds[i][j]``."""
-    make_env = registry.env_factory(run.env_id, rescale_actions=True)
+    make_env = registry.env_factory(run.env_id, rescale_actions=True, **run.env_kwargs)
     envs = [[make_env() for _ in row] for row in reset_seeds]
     keys = jax.vmap(jax.random.PRNGKey)(np.asarray(run.seeds))
     act = jax.jit(
@@ -290,7 +309,8 @@ def evaluate(args: EvaluateArgs) -> Path:
 
     if args.episodes < 1:
         raise PolicyLoadError(f"--episodes must be >= 1, got {args.episodes}")
-    run = load_run_agents(args.run_dir, args.step, args.env)
+    env_kwargs = None if args.env_kwargs is None else registry.parse_env_kwargs(args.env_kwargs)
+    run = load_run_agents(args.run_dir, args.step, args.env, env_kwargs)
     started = time.perf_counter()
     reset_seeds = [[args.first_reset_seed + j for j in range(args.episodes)] for _ in run.seeds]
     returns = evaluate_run(run, reset_seeds, args.stochastic)
@@ -307,12 +327,12 @@ def evaluate(args: EvaluateArgs) -> Path:
     if run.reward_transform != (1.0, 0.0):
         scale, bias = run.reward_transform
         print(f"note: returns of {run.env_id}'s own rewards r; the run trained on {scale} * r + {bias} (its logged returns are of those)")
-    print(f"{run.kind} on {run.env_id}, step {run.step}, {args.episodes} {'stochastic' if args.stochastic else 'deterministic'} episodes per seed: "
+    print(f"{run.kind} on {run.env_id}{' ' + json.dumps(run.env_kwargs) if run.env_kwargs else ''}, step {run.step}, {args.episodes} {'stochastic' if args.stochastic else 'deterministic'} episodes per seed: "
           f"mean over seeds {means.mean():.1f} ± {means.std():.1f} ({time.perf_counter() - started:.1f} s)")
     out = args.out or run.run_dir / f"evaluation_step{run.step}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, {
-        **run_record(args), "run_dir": str(run.run_dir), "kind": run.kind, "env": run.env_id, "step": run.step,
+        **run_record(args), "run_dir": str(run.run_dir), "kind": run.kind, "env": run.env_id, "env_kwargs": run.env_kwargs, "step": run.step,
         "mean_over_seeds": float(means.mean()), "std_over_seeds": float(means.std()), "seeds": per_seed,
         "training_reward_transform": {"scale": run.reward_transform[0], "bias": run.reward_transform[1]},
     })

@@ -62,6 +62,23 @@ def test_off_policy_training_on_an_o2o_env_steps_its_jax_core_on_the_device(tmp_
     assert seen["jax_env"] is None
 
 
+def test_env_kwargs_reach_the_device_core_of_an_o2o_env(tmp_path, monkeypatch):
+    import experiments.cli as cli
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["jax_env"] = kwargs.get("jax_env")
+        return cli_train_online(*args, **kwargs)
+
+    cli_train_online = cli.train_online
+    monkeypatch.setattr(cli, "train_online", spy)
+    main(["train", "--env", "o2o/OrbitCorrection-v0", "--env-kwargs", '{"domain_randomisation": true}', "--steps", "200",
+          "--run-dir", str(tmp_path / "run"), *QUICK])
+    assert seen["jax_env"].core.domain_randomisation is True
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["env_kwargs"] == '{"domain_randomisation": true}'
+
+
 def test_plot_writes_a_png_of_the_runs(tmp_path):
     run_dir = tmp_path / "run"
     main(["train", "--steps", "200", "--num-seeds", "2", "--run-dir", str(run_dir), *QUICK])

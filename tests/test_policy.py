@@ -129,3 +129,48 @@ def test_a_trend_sac_run_on_an_o2o_env_replays_its_final_evaluation(tmp_path):
     rows = [row for row in read_metrics(run_dir) if "eval_return" in row]
     reset_seeds = [[episode_seed(0, EVAL_STREAM, j) for j in range(2)]]
     assert run.kind == "tbsac" and evaluate_run(run, reset_seeds).mean() == pytest.approx(rows[-1]["eval_return"], rel=1e-5)
+
+
+USER_ENV = """
+import gymnasium as gym
+import numpy as np
+
+
+class ScaledRewardEnv(gym.Env):
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Box(-2.0, 2.0, (1,), np.float32)
+
+    def __init__(self, scale=1.0, length=5):
+        self.scale, self.length, self.t = scale, length, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.zeros(2, np.float32), self.scale, False, self.t >= self.length, {}
+"""
+
+
+def test_environment_kwargs_reach_training_and_come_back_for_evaluation(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_scaled_env.py").write_text(USER_ENV)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run_dir = tmp_path / "run"
+    main(["train", "--env", "my_scaled_env:ScaledRewardEnv", "--env-kwargs", '{"scale": 3.0, "length": 4}', "--steps", "200",
+          "--run-dir", str(run_dir), *TINY_SAC])
+    assert [row["eval_return"] for row in read_metrics(run_dir) if row["phase"] == "eval"] == [12.0, 12.0]  # 4 steps of reward 3
+    run = load_run_agents(run_dir)
+    assert run.env_kwargs == {"scale": 3.0, "length": 4} and evaluate_run(run, [[0]]).tolist() == [[12.0]]
+    assert load_policy(run_dir)(np.zeros(2, np.float32)).shape == (1,)
+    out = tmp_path / "other.json"
+    main(["evaluate", str(run_dir), "--episodes", "2", "--env-kwargs", '{"scale": 7.0}', "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["env_kwargs"] == {"scale": 7.0} and record["seeds"][0]["returns"] == [35.0, 35.0]  # default length 5
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{scale: 3}"])
+def test_environment_kwargs_that_are_not_a_json_object_are_refused(tmp_path, text):
+    with pytest.raises(SystemExit, match="--env-kwargs must be a JSON object"):
+        main(["train", "--env", "Pendulum-v1", "--env-kwargs", text, "--steps", "200", "--run-dir", str(tmp_path / "run"), *TINY_SAC])
