@@ -104,7 +104,7 @@ def _reward_transform(run_dir: Path) -> tuple[float, float]:
 
 def recorded_env_kwargs(run_dir: Path) -> dict[str, Any]:
     """The environment keyword arguments an ``o2o train`` run recorded ({} for other runs)."""
-    if not (run_dir / CONFIG_RECORD).is_file() or any((run_dir / name).is_file() for name in (PRETRAIN_RECORD, FINETUNE_RECORD)):
+    if not (run_dir / CONFIG_RECORD).is_file():
         return {}
     config = json.loads((run_dir / CONFIG_RECORD).read_text()).get("config") or {}
     return registry.parse_env_kwargs(config.get("env_kwargs") or "{}")
