@@ -861,6 +861,8 @@ def quickstart(args: QuickstartArgs) -> dict[str, Any]:
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"learning curves: {plot}\ntotal time: {clock.total()}")
+    print(f"next: 'o2o evaluate {out}' scores the fine-tuned policies on fresh episodes; "
+          "experiments.policy.load_policy gives one as a plain function")
     return table
 
 
