@@ -34,17 +34,23 @@ def test_train_records_config_revision_versions_and_metrics(tmp_path, capsys):
     assert "final evaluation return" in capsys.readouterr().out
 
 
-def test_off_policy_training_on_an_o2o_env_steps_its_jax_core_on_the_device(tmp_path, monkeypatch):
+@pytest.fixture
+def seen(monkeypatch):
+    """What `o2o train` hands the online loop last: {"jax_env": the device env spec, or None}."""
     import experiments.cli as cli
 
     seen = {}
+    train_online = cli.train_online
 
     def spy(*args, **kwargs):
         seen["jax_env"] = kwargs.get("jax_env")
-        return cli_train_online(*args, **kwargs)
+        return train_online(*args, **kwargs)
 
-    cli_train_online = cli.train_online
     monkeypatch.setattr(cli, "train_online", spy)
+    return seen
+
+
+def test_off_policy_training_on_an_o2o_env_steps_its_jax_core_on_the_device(tmp_path, seen):
     run_dir = tmp_path / "run"
     main(["train", "--env", "o2o/OrbitCorrection-v0", "--steps", "200", "--run-dir", str(run_dir), *QUICK])
     assert type(seen["jax_env"].core).__name__ == "OrbitCorrectionCore"
@@ -62,17 +68,7 @@ def test_off_policy_training_on_an_o2o_env_steps_its_jax_core_on_the_device(tmp_
     assert seen["jax_env"] is None
 
 
-def test_env_kwargs_reach_the_device_core_of_an_o2o_env(tmp_path, monkeypatch):
-    import experiments.cli as cli
-
-    seen = {}
-
-    def spy(*args, **kwargs):
-        seen["jax_env"] = kwargs.get("jax_env")
-        return cli_train_online(*args, **kwargs)
-
-    cli_train_online = cli.train_online
-    monkeypatch.setattr(cli, "train_online", spy)
+def test_env_kwargs_reach_the_device_core_of_an_o2o_env(tmp_path, seen):
     main(["train", "--env", "o2o/OrbitCorrection-v0", "--env-kwargs", '{"domain_randomisation": true}', "--steps", "200",
           "--run-dir", str(tmp_path / "run"), *QUICK])
     assert seen["jax_env"].core.domain_randomisation is True
